@@ -1,0 +1,171 @@
+"""Command line: `python -m assistant {prepare,draft,train-vision,evaluate-vision} ...`.
+
+Known bad input (unreadable image, wrong model path, bad option) ends with one `error:` line and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from .config import DEFAULT_EMBEDDER, DEFAULT_LLM, AssistantConfig
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m assistant",
+        description="Multimodal clinical assistant (research use only; outputs are drafts for clinician review).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    prepare = commands.add_parser("prepare", help="convert/verify the offline base models (run once)")
+    add_model_options(prepare)
+
+    draft = commands.add_parser("draft", help="print a draft radiology report for DICOM/PNG/JPEG files")
+    draft.add_argument("files", nargs="+", metavar="FILE", help="images of one study (frontal, lateral, prior)")
+    draft.add_argument("--indication", default="", help="clinical indication (free text; PHI is masked)")
+    draft.add_argument("--max-new-tokens", type=int, default=None, help="length limit of the draft")
+    add_model_options(draft)
+
+    train_vision = commands.add_parser("train-vision", help="train the chest X-ray vision encoder on ../shared/data")
+    train_vision.add_argument("--out", default="adapters/vision-nih14", help="folder for the trained weights")
+    train_vision.add_argument("--epochs", type=int, default=None, help="NIH epochs (default 30)")
+    train_vision.add_argument("--pretrain-epochs", type=int, default=None,
+                              help="PneumoniaMNIST pretraining epochs (default 2; 0 skips)")
+    train_vision.add_argument("--work-dir", default=None, help="checkpoints (default .cache/train-vision/NAME)")
+    train_vision.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train_vision.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    evaluate_vision = commands.add_parser("evaluate-vision", help="AUROC of vision weights on the held-out test data")
+    evaluate_vision.add_argument("--weights", default=None, help="weights folder (default: the shipped one)")
+    evaluate_vision.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    evaluate_vision.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--llm", default=None, help=f"local HF model folder (default: built-in {DEFAULT_LLM})")
+    parser.add_argument("--embedder", default=None, help=f"local embedder folder (default: {DEFAULT_EMBEDDER})")
+    parser.add_argument("--adapter", default=None, help="adapter folder from `train` (projector, vision, LoRA)")
+    parser.add_argument("--config", default=None, help="AssistantConfig JSON file to start from")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field, e.g. --set llm.lora_r=8 (JSON values)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def config_from_args(args: argparse.Namespace) -> AssistantConfig:
+    config = AssistantConfig.from_json(args.config) if args.config else AssistantConfig()
+    overrides = dict(_parse_assignment(item) for item in args.set)
+    for name, value in (("llm.path", args.llm), ("embedder", args.embedder), ("adapter", args.adapter)):
+        if value is not None:
+            overrides[name] = value
+    if getattr(args, "max_new_tokens", None) is not None:
+        overrides["generation.max_new_tokens"] = args.max_new_tokens
+    return config.override(overrides)
+
+
+def _parse_assignment(item: str) -> tuple[str, object]:
+    name, sep, raw = item.partition("=")
+    if not sep:
+        raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+    try:
+        return name.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return name.strip(), raw  # bare strings need no quotes
+
+
+def run_prepare(config: AssistantConfig) -> int:
+    from .base_models import load_embedder, resolve_llm_dir
+
+    start = time.perf_counter()
+    llm_dir = resolve_llm_dir(config.llm.path)
+    print(f"LLM ready: {llm_dir} ({time.perf_counter() - start:.1f} s)")
+    embedder = load_embedder(config.embedder)
+    dim = embedder.get_embedding_dimension()
+    print(f"Embedder ready: {config.embedder} ({dim}-d)")
+    return 0
+
+
+def run_draft(config: AssistantConfig, files: Sequence[str], indication: str) -> int:
+    from .dicom import read_scan
+    from .pipeline import Assistant
+
+    # Read (and de-identify) the images first: bad input fails in a second, not after a model load.
+    scans = [read_scan(path, config.dicom) for path in files]
+    assistant = Assistant.from_config(config)
+    printed = ""
+    for draft in assistant.draft_report(scans, indication=indication):
+        # Each update is the whole draft; print only what is new so the terminal streams.
+        if draft.startswith(printed):
+            sys.stdout.write(draft[len(printed):])
+        else:
+            sys.stdout.write("\n" + draft)
+        sys.stdout.flush()
+        printed = draft
+    sys.stdout.write("\n")
+    return 0
+
+
+def run_train_vision(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .train_vision import VisionTrainSettings, train_vision
+
+    chosen = {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs}
+    settings = dataclasses.replace(VisionTrainSettings(), **{k: v for k, v in chosen.items() if v is not None})
+    metadata = train_vision(args.out, settings, work_dir=args.work_dir, resume=args.resume)
+    print(json.dumps(metadata["metrics"]["nih_test"]["normal_vs_abnormal_auroc"]))
+    print(f"saved to {args.out}")
+    return 0
+
+
+def run_evaluate_vision(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train_vision import evaluate_vision
+
+    metrics = evaluate_vision(args.weights)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train-vision":
+            return run_train_vision(args)
+        if args.command == "evaluate-vision":
+            return run_evaluate_vision(args)
+        config = config_from_args(args)
+        if args.command == "prepare":
+            return run_prepare(config)
+        return run_draft(config, args.files, args.indication)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure becomes one actionable line unless --debug
+        if args.debug:
+            raise
+        print(f"error: {user_message(err)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def user_message(err: BaseException) -> str:
+    """One line for users. Our own errors already say what to do; others get their type named."""
+    from .base_models import ModelPathError
+
+    raw = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # KeyError's str() adds quotes
+    text = (str(raw).strip().splitlines() or [""])[0]
+    known = (ModelPathError, ValueError, KeyError, FileNotFoundError)
+    if isinstance(err, known) and text:
+        return text
+    return f"unexpected {type(err).__name__}: {text} (rerun with --debug for details)"

@@ -1,0 +1,74 @@
+"""The Gradio app's handlers with a tiny model (the browser test drives the real one)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from assistant.pipeline import Assistant
+from assistant.safety import DRAFT_LABEL
+
+
+@pytest.fixture
+def assistant(tiny_vlm):
+    return Assistant(tiny_vlm)
+
+
+def png(tmp_path, name="cxr.png"):
+    path = tmp_path / name
+    Image.fromarray((np.random.default_rng(1).random((90, 70)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_app_builds_with_a_named_api_endpoint(assistant):
+    blocks = app.build_app(assistant)
+    assert "/draft_report" in {f"/{dep['api_name']}" for dep in blocks.config["dependencies"] if dep.get("api_name")}
+
+
+def test_no_upload_asks_for_one(assistant):
+    (_, history, status, _, _), = list(app.draft_events(assistant, [], "", []))
+    assert "Upload at least one" in status and history == []
+
+
+def test_non_dicom_upload_gets_a_clear_message_and_is_deleted(assistant, tmp_path):
+    bogus = tmp_path / "JOHN_DOE_chest.dcm"  # uploaded file names can carry PHI
+    bogus.write_bytes(b"%PDF-1.4 not an image")
+    (_, _, status, files, _), = list(app.draft_events(assistant, [str(bogus)], "", []))
+    assert status.startswith("⚠️ Image 1 could not be used:")
+    assert "JOHN" not in status and "Traceback" not in status
+    assert not bogus.exists() and files is None
+
+
+def test_a_draft_streams_into_the_chat(assistant, tmp_path):
+    upload = png(tmp_path)
+    events = list(app.draft_events(assistant, [str(upload)], "cough", []))
+    images, _, _, files, study = events[0]
+    assert len(images) == 1 and images[0].dtype == np.uint8
+    assert files is None and len(study) == 1  # uploads consumed; the study lives in session state
+    final_history = events[-1][1]
+    assert final_history[-2]["role"] == "user" and "cough" in final_history[-2]["content"]
+    assert final_history[-1]["content"].startswith(DRAFT_LABEL)
+    assert events[-1][2].startswith("✅")
+    assert not upload.exists()
+
+
+def test_redrafting_reuses_the_session_study(assistant, tmp_path):
+    study = [assistant.read(png(tmp_path))]
+    events = list(app.draft_events(assistant, [], "new indication", [], study))
+    assert events[-1][2].startswith("✅")
+    assert "new indication" in events[-1][1][-2]["content"]
+
+
+def test_model_failure_ends_the_answer_and_keeps_the_session(assistant, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        yield "FINDINGS: partial"
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(assistant, "draft_report", broken)
+    events = list(app.draft_events(assistant, [str(png(tmp_path))], "", [{"role": "user", "content": "hi"}]))
+    history, status = events[-1][1], events[-1][2]
+    assert "model failed" in status and "out of memory" in status
+    assert history[0] == {"role": "user", "content": "hi"}  # earlier turns survive
+    assert history[-1]["content"].endswith("Generation stopped.")
