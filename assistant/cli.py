@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = commands.add_parser("prepare", help="convert/verify the offline base models (run once)")
     add_model_options(prepare)
+    prepare.set_defaults(handler=lambda args: run_prepare(config_from_args(args)))
 
     draft = commands.add_parser("draft", help="print a draft radiology report for DICOM/PNG/JPEG files")
     draft.add_argument("files", nargs="+", metavar="FILE", help="images of one study (frontal, lateral, prior)")
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # every failure becomes one actionable line unless --debug
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {user_message(err)}", file=sys.stderr)
         return EXIT_USAGE

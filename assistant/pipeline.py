@@ -33,9 +33,13 @@ class Assistant:
         """A de-identified Scan from a DICOM/PNG/JPEG file (raises dicom.ScanError on bad input)."""
         return read_scan(path, self.config.dicom)
 
-    def draft_report(self, scans: Sequence[Scan], indication: str = "") -> Iterator[str]:
-        """Stream the labelled draft report; each item is the whole draft so far."""
-        if not scans:
+    def draft_report(self, scans: Sequence[Scan], indication: str = "", text_only: bool = False) -> Iterator[str]:
+        """Stream the labelled draft report; each item is the whole draft so far.
+
+        `text_only` drafts from the indication alone (the prompt says no image is available): used to
+        evaluate on report datasets that carry no images, never silently when images are missing.
+        """
+        if not scans and not text_only:
             raise ValueError("a draft report needs at least one image")
         if len(scans) > MAX_IMAGES_PER_STUDY:
             raise ValueError(f"at most {MAX_IMAGES_PER_STUDY} images per study (got {len(scans)})")
@@ -50,13 +54,13 @@ class Assistant:
 
 
 def report_prompt(scans: Sequence[Scan], indication: str = "") -> str:
-    views = ", ".join(_view_name(scan) for scan in scans)
+    views = ", ".join(_view_name(scan) for scan in scans) or "views not available"
     return render(
         "draft_report",
         # PHI is masked before the text can reach a prompt (and through it any log or server).
         indication=sanitise_field(mask_phi(indication or "")) or "not given",
         views=views,
-        images=" ".join(IMAGE_MARKER for _ in scans),
+        images=" ".join(IMAGE_MARKER for _ in scans) or "not available",
     )
 
 

@@ -34,6 +34,13 @@ def test_study_size_is_bounded(tiny_vlm, png_scan):
         list(assistant.draft_report([png_scan] * 4))
 
 
+def test_text_only_drafting_is_explicit(tiny_vlm):
+    final = list(Assistant(tiny_vlm).draft_report([], indication="cough", text_only=True))[-1]
+    assert final.startswith(DRAFT_LABEL)
+    prompt = report_prompt([], indication="cough")
+    assert "IMAGES: not available" in prompt and "<image>" not in prompt
+
+
 def test_prompt_carries_no_patient_identifiers(tmp_path):
     import pydicom
 
