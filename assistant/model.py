@@ -139,18 +139,25 @@ class ClinicalVLM:
             kwargs["temperature"] = gen.temperature
         return kwargs
 
-    def stream(self, inputs: dict[str, torch.Tensor], gen: GenerationConfig | None = None) -> Iterator[str]:
-        """Yield decoded text pieces as they are generated; re-raise a failure of the generator."""
+    def stream(self, inputs: dict[str, torch.Tensor], gen: GenerationConfig | None = None,
+               stop: tuple[str, ...] = ()) -> Iterator[str]:
+        """Yield decoded text pieces as they are generated; re-raise a failure of the generator.
+
+        `stop` strings end generation early (e.g. the next "Patient:" turn of a dialogue prompt);
+        the stop string itself may appear in the last piece, callers trim it.
+        """
         from transformers import TextIteratorStreamer
 
         gen = gen or self.config.generation
+        prompt_length = inputs["input_ids"].shape[1]
+        extra = {"stopping_criteria": [_StopOnText(self.tokenizer, stop, prompt_length)]} if stop else {}
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
                 with torch.inference_mode():
-                    self.hf.generate(**inputs, streamer=streamer, **self.generate_kwargs(gen))
+                    self.hf.generate(**inputs, streamer=streamer, **self.generate_kwargs(gen), **extra)
             except BaseException as err:  # surfaced to the consumer below, never swallowed
                 failure.append(err)
                 streamer.end()
@@ -217,6 +224,24 @@ class ClinicalVLM:
     def _base_model(self):
         """The LlavaForConditionalGeneration under any peft wrapper."""
         return self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
+
+
+class _StopOnText:
+    """Stops generation once the decoded tail of the new tokens contains a stop string.
+
+    Decoding the last few tokens per step costs microseconds next to a model step and works with
+    any tokenizer (transformers' stop_strings pre-processes the whole vocabulary per tokenizer).
+    """
+
+    TAIL_TOKENS = 24
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        tails = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:][:, -self.TAIL_TOKENS:],
+                                            skip_special_tokens=True)
+        return torch.tensor([any(stop in tail for stop in self.stops) for tail in tails], device=input_ids.device)
 
 
 def _image_token_id(tokenizer, token: str) -> int:

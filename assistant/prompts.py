@@ -40,6 +40,13 @@ def sanitise_field(text: str | None, max_chars: int = MAX_FIELD_CHARS) -> str:
     return cleaned[:max_chars]
 
 
+def sanitise_multiline(text: str | None, max_chars: int) -> str:
+    """Like sanitise_field but keeps line structure (records and notes are line-oriented)."""
+    lines = [re.sub(r"[ \t]+", " ", _CONTROL_TOKEN.sub(" ", line)).strip() for line in (text or "").splitlines()]
+    cleaned = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return cleaned[:max_chars]
+
+
 def render(name: str, **fields: str) -> str:
     template = load_template(name)
     try:

@@ -74,3 +74,57 @@ def test_end_to_end_draft_from_a_real_chest_dicom(real_assistant, path):
     assert final.startswith(DRAFT_LABEL)
     assert "FINDINGS:" in final and "IMPRESSION:" in final
     assert len(final) > len(updates[0])
+
+
+# ---- chat modes (tiny model: the paths are real, the words are random) ----------------------
+
+def test_triage_banner_comes_before_any_model_text(tiny_vlm):
+    from assistant.safety import escalation_message, find_red_flags
+
+    message = "my dad has crushing chest pain going down his left arm and he is sweating"
+    updates = list(Assistant(tiny_vlm).triage([], message))
+    banner = escalation_message(find_red_flags(message))
+    assert updates[0] == banner
+    assert all(update.startswith(banner) for update in updates)
+    assert "Urgency: emergency" in updates[-1] and DRAFT_LABEL in updates[-1]
+
+
+def test_triage_flags_from_earlier_turns_still_escalate(tiny_vlm):
+    history = [{"role": "user", "content": "I took a whole bottle of my sleeping pills"},
+               {"role": "assistant", "content": "How long ago?"}]
+    final = list(Assistant(tiny_vlm).triage(history, "about an hour ago"))[-1]
+    assert final.startswith("🚨")
+
+
+def test_triage_without_flags_says_when_no_level_was_determined(tiny_vlm):
+    final = list(Assistant(tiny_vlm).triage([], "I have had a mild runny nose for two days"))[-1]
+    assert final.startswith(DRAFT_LABEL) and "Urgency:" in final
+
+
+def test_empty_inputs_are_clear_errors(tiny_vlm):
+    assistant = Assistant(tiny_vlm)
+    for call, pattern in [(lambda: assistant.triage([], "  "), "describe the symptoms"),
+                          (lambda: assistant.summarize(""), "paste a note"),
+                          (lambda: assistant.educate(""), "type a question")]:
+        with pytest.raises(ValueError, match=pattern):
+            list(call())
+
+
+def test_huge_records_are_refused_with_the_limit(tiny_vlm):
+    with pytest.raises(ValueError, match="at most 8,000"):
+        list(Assistant(tiny_vlm).summarize("x " * 40_000))
+
+
+def test_summary_is_labelled_and_source_checked(tiny_vlm):
+    final = list(Assistant(tiny_vlm).summarize("Problems: asthma.\nMedications: salbutamol inhaler."))[-1]
+    assert final.startswith(DRAFT_LABEL) and "Source check:" in final
+
+
+def test_education_cites_sources_or_says_none_were_found(tiny_vlm):
+    assistant = Assistant(tiny_vlm)
+    cited = list(assistant.educate("what is asthma?", passages=[("Asthma is ...", "https://medlineplus.gov/asthma.html")]))[-1]
+    assert "[1] https://medlineplus.gov/asthma.html" in cited
+    bare = list(assistant.educate("what is asthma?"))[-1]
+    assert "no trusted source was found" in bare
+    with pytest.raises(ValueError, match="reading level"):
+        list(assistant.educate("what is asthma?", reading_level="PhD"))
