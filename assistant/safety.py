@@ -355,6 +355,7 @@ def escalation_message(flags: list[RedFlag]) -> str:
     sources = dict.fromkeys(part.strip() for flag in flags for part in flag.source.split("; "))
     return "\n".join([
         *lines,
+        "",  # ends the action list, so Markdown renders what follows as its own lines
         "Recognised in the text: " + ", ".join(dict.fromkeys(f'"{flag.matched}"' for flag in flags)) + ".",
         "Sources: " + "; ".join(sources) + ".",
         _BANNER_FOOTER,

@@ -72,3 +72,43 @@ def test_model_failure_ends_the_answer_and_keeps_the_session(assistant, tmp_path
     assert "model failed" in status and "out of memory" in status
     assert history[0] == {"role": "user", "content": "hi"}  # earlier turns survive
     assert history[-1]["content"].endswith("Generation stopped.")
+
+
+def test_every_mode_has_a_named_api_endpoint(assistant):
+    blocks = app.build_app(assistant)
+    names = {dep.get("api_name") for dep in blocks.config["dependencies"]}
+    assert {"draft_report", "triage", "summarize", "educate"} <= names
+
+
+def test_chat_streams_and_clears_the_box(assistant):
+    events = list(app.chat_events(lambda h, m: assistant.triage(h, m), "sore throat for two days", []))
+    history, box, status = events[-1]
+    assert history[-2] == {"role": "user", "content": "sore throat for two days"}
+    assert history[-1]["content"].startswith(DRAFT_LABEL) and box == "" and status.startswith("✅")
+
+
+def test_emergency_banner_leads_the_triage_answer(assistant):
+    events = list(app.chat_events(lambda h, m: assistant.triage(h, m), "I want to kill myself tonight", []))
+    assert all(e[0][-1]["content"].startswith("🚨") for e in events if len(e[0]) == 2)
+
+
+def test_refused_input_keeps_the_users_text(assistant):
+    huge = "x " * 40_000
+    (history, box, status), = list(app.chat_events(lambda h, m: assistant.summarize(m), huge, []))
+    assert history == [] and box == huge.strip() and "at most 8,000" in status
+
+
+def test_empty_message_is_refused(assistant):
+    (_, _, status), = list(app.chat_events(lambda h, m: assistant.triage(h, m), "   ", []))
+    assert "Type a message" in status
+
+
+def test_chat_model_failure_keeps_the_conversation(assistant):
+    def broken(history, message):
+        yield "partial"
+        raise RuntimeError("killed")
+
+    earlier = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    history, _, status = list(app.chat_events(broken, "next", earlier))[-1]
+    assert history[:2] == earlier and history[-1]["content"].endswith("Generation stopped.")
+    assert "killed" in status

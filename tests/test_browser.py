@@ -106,3 +106,21 @@ def test_a_non_dicom_upload_shows_a_clear_error(page, tmp_path):
     assert "Traceback" not in page.content()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "non_dicom_error.png"), full_page=True)
+
+
+@pytest.mark.parametrize("mode,tab,text,expect", [
+    ("triage", "Triage", "crushing chest pain spreading to my left arm and I am sweating", "EMERGENCY"),
+    ("summarize", "EHR summary", "Type 2 diabetes.\nMedications: metformin 500 mg twice daily.", "Source check"),
+    ("educate", "Patient education", "What is asthma?", "Sources"),
+])
+def test_each_text_mode_answers_in_the_browser(page, mode, tab, text, expect):
+    from assistant.safety import DRAFT_LABEL
+
+    page.get_by_role("tab", name=tab).click()
+    page.fill(f"#{mode}-message textarea", text)
+    page.click(f"#{mode}-send")
+    page.wait_for_selector(f"#{mode}-status :text('Done')", timeout=120_000)
+    answer = page.locator(f"#{mode}-chat").inner_text()
+    assert DRAFT_LABEL in answer and expect in answer
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{mode}.png"), full_page=True)
