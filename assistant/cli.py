@@ -1,4 +1,4 @@
-"""Command line: `python -m assistant {prepare,draft,train-vision,evaluate-vision} ...`.
+"""Command line: `python -m assistant COMMAND ...` (`--help` lists the commands).
 
 Known bad input (unreadable image, wrong model path, bad option) ends with one `error:` line and
 exit code 2, never a traceback.
@@ -34,20 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     draft.add_argument("--max-new-tokens", type=int, default=None, help="length limit of the draft")
     add_model_options(draft)
 
-    train_vision = commands.add_parser("train-vision", help="train the chest X-ray vision encoder on ../shared/data")
-    train_vision.add_argument("--out", default="adapters/vision-nih14", help="folder for the trained weights")
-    train_vision.add_argument("--epochs", type=int, default=None, help="NIH epochs (default 30)")
-    train_vision.add_argument("--pretrain-epochs", type=int, default=None,
-                              help="PneumoniaMNIST pretraining epochs (default 2; 0 skips)")
-    train_vision.add_argument("--work-dir", default=None, help="checkpoints (default .cache/train-vision/NAME)")
-    train_vision.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    train_vision.add_argument("--debug", action="store_true", help="show full tracebacks")
-
-    evaluate_vision = commands.add_parser("evaluate-vision", help="AUROC of vision weights on the held-out test data")
-    evaluate_vision.add_argument("--weights", default=None, help="weights folder (default: the shipped one)")
-    evaluate_vision.add_argument("--out", default=None, help="also write the metrics to this JSON file")
-    evaluate_vision.add_argument("--debug", action="store_true", help="show full tracebacks")
+    draft.set_defaults(handler=lambda args: run_draft(config_from_args(args), args.files, args.indication))
+    # Each further command group lives in its own module and registers its subcommands here; a
+    # subcommand sets `handler(args) -> exit code` and calls add_model_options if it needs models.
+    for register in _command_groups():
+        register(commands)
     return parser
+
+
+def _command_groups():
+    from . import cli_users, cli_vision
+
+    return [cli_vision.add_commands, cli_users.add_commands]
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -113,43 +111,10 @@ def run_draft(config: AssistantConfig, files: Sequence[str], indication: str) ->
     return 0
 
 
-def run_train_vision(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .train_vision import VisionTrainSettings, train_vision
-
-    chosen = {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs}
-    settings = dataclasses.replace(VisionTrainSettings(), **{k: v for k, v in chosen.items() if v is not None})
-    metadata = train_vision(args.out, settings, work_dir=args.work_dir, resume=args.resume)
-    print(json.dumps(metadata["metrics"]["nih_test"]["normal_vs_abnormal_auroc"]))
-    print(f"saved to {args.out}")
-    return 0
-
-
-def run_evaluate_vision(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .train_vision import evaluate_vision
-
-    metrics = evaluate_vision(args.weights)
-    text = json.dumps(metrics, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train-vision":
-            return run_train_vision(args)
-        if args.command == "evaluate-vision":
-            return run_evaluate_vision(args)
-        config = config_from_args(args)
-        if args.command == "prepare":
-            return run_prepare(config)
-        return run_draft(config, args.files, args.indication)
+        return args.handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
