@@ -23,11 +23,12 @@ prepare: setup
 demo: prepare
 	$(PY) app.py --port $(PORT)
 
-# Browser tests drive Debian's Chromium (never a downloaded browser build).
+# Browser tests drive Debian's Chromium (never a downloaded browser build); dciodvfy (dicom3tools)
+# validates exported DICOM SR.
 browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian chromium for the browser tests"; \
-	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 && command -v dciodvfy >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium and dicom3tools for the tests"; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium dicom3tools >/dev/null; }
 
 test: setup browser-deps
 	$(PY) -m pytest -q
