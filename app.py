@@ -1,8 +1,9 @@
 """Browser front end (Gradio): draft reports, triage, EHR summaries and patient education.
 
-The only module that imports gradio. The model loads in `main()`, never at import, so tests can
-build the app around any Assistant. PHI-safe defaults: bound to localhost, no share link, analytics
-off, uploads kept in our own temp folder and deleted as soon as they are read.
+The only module that imports gradio (with `app_report.py`, the report tab); the library stays
+gradio-free. The model loads in `main()`, never at import, so tests build the app around any
+Assistant. PHI-safe defaults: bound to localhost, no share link, analytics off, uploads kept in our
+own temp folder and deleted once read, PHI-masking log filter, sign-in from a hashed users file.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "clin
 
 import gradio as gr  # noqa: E402
 
+from app_report import current_user, report_tab  # noqa: E402
+from assistant.auth import Authenticator, users_file_from_env  # noqa: E402
 from assistant.cli import add_model_options, config_from_args, user_message  # noqa: E402
-from assistant.dicom import ScanError, to_uint8  # noqa: E402
+from assistant.config import data_dir  # noqa: E402
+from assistant.dialogue import as_text_turns  # noqa: E402
 from assistant.phi import PhiLogFilter  # noqa: E402
-from assistant.pipeline import MAX_IMAGES_PER_STUDY, READING_LEVELS, Assistant  # noqa: E402
+from assistant.pipeline import READING_LEVELS, Assistant  # noqa: E402
 from assistant.safety import DRAFT_LABEL  # noqa: E402
+from assistant.store import Store  # noqa: E402
+from assistant.workflow import Workflow  # noqa: E402
 
 log = logging.getLogger("app")
 
@@ -37,66 +43,54 @@ MAX_UPLOAD = "200mb"
 MODEL_QUEUE = "model"  # every model-backed event shares one slot: one generation at a time on a CPU
 
 
-def build_app(assistant: Assistant) -> gr.Blocks:
+def build_app(assistant: Assistant, workflow: Workflow) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"# {TITLE}\n{BANNER}")
         with gr.Tabs():
             with gr.Tab("Draft report", id="report"):
-                report_tab(assistant)
+                report_tab(assistant, workflow, MODEL_QUEUE)
             with gr.Tab("Triage", id="triage"):
-                chat_tab("triage", "Describe the symptoms (who, since when, how severe)…",
+                chat_tab(workflow, "triage", "Describe the symptoms (who, since when, how severe)…",
                          lambda history, message: assistant.triage(history, message))
             with gr.Tab("EHR summary", id="summary"):
-                chat_tab("summarize", "Paste a clinical note or record…",
+                chat_tab(workflow, "summarize", "Paste a clinical note or record…",
                          lambda history, message: assistant.summarize(message), lines=8)
             with gr.Tab("Patient education", id="educate"):
                 level = gr.Dropdown(list(READING_LEVELS), value=READING_LEVELS[1], label="Reading level",
                                     elem_id="educate-level")
-                chat_tab("educate", "Ask a health question, or paste a report to explain…",
+                chat_tab(workflow, "educate", "Ask a health question, or paste a report to explain…",
                          lambda history, message, reading_level: assistant.educate(message, reading_level),
                          extra_inputs=[level])
+            with gr.Tab("History", id="history"):
+                history_tab(workflow, app)
     app.queue(max_size=32)
     return app
 
 
-def report_tab(assistant: Assistant) -> None:
-    gr.Markdown("Upload the images of one chest radiograph study (DICOM, PNG or JPEG: frontal, lateral, "
-                "optional prior), add the indication, and press *Draft report*.")
-    with gr.Row():
-        with gr.Column(scale=2):
-            files = gr.File(label="Study images (DICOM, PNG, JPEG)", file_count="multiple", elem_id="study-files")
-            indication = gr.Textbox(label="Indication (optional)", placeholder="e.g. cough and fever",
-                                    elem_id="indication")
-            run = gr.Button("Draft report", variant="primary", elem_id="draft-button")
-            status = gr.Markdown(elem_id="status")
-            gallery = gr.Gallery(label="Images (de-identified pixels)", columns=3, height=320, elem_id="viewer")
-        with gr.Column(scale=3):
-            chat = gr.Chatbot(label="Draft report", height=560, elem_id="chat")
-    study = gr.State(None)  # the de-identified Scans of this browser session, in memory only
+def chat_tab(workflow: Workflow, name: str, placeholder: str, stream, lines: int = 2, extra_inputs=()) -> None:
+    """A chat for one text mode: history, a message box, streaming answers, a status line.
 
-    def on_draft(study_files, indication_text, history, scans):
-        # A named generator function: Gradio streams only what it can see is a generator.
-        yield from draft_events(assistant, study_files, indication_text, history, scans)
-
-    run.click(on_draft, inputs=[files, indication, chat, study], outputs=[gallery, chat, status, files, study],
-              api_name="draft_report", concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-
-
-def chat_tab(name: str, placeholder: str, stream, lines: int = 2, extra_inputs=()) -> None:
-    """A chat for one text mode: history, a message box, streaming answers, a status line."""
+    Each completed answer is stored (masked) in the user's history; 'New conversation' starts a
+    new stored session.
+    """
     chat = gr.Chatbot(label="Conversation", height=480, elem_id=f"{name}-chat")
     message = gr.Textbox(label="Message", placeholder=placeholder, lines=lines, elem_id=f"{name}-message")
     with gr.Row():
         send = gr.Button("Send", variant="primary", elem_id=f"{name}-send")
         clear = gr.Button("New conversation", elem_id=f"{name}-clear")
     status = gr.Markdown(elem_id=f"{name}-status")
+    session = gr.State(None)  # (stored session id, number of turns already stored)
 
     def on_send(history, text, *extra):
         yield from chat_events(lambda h, m: stream(h, m, *extra), text, history)
 
+    def on_done(history, stored, request: gr.Request):
+        return record_chat(workflow, current_user(request), name, history, stored)
+
     send.click(on_send, inputs=[chat, message, *extra_inputs], outputs=[chat, message, status],
-               api_name=name, concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-    clear.click(lambda: ([], "", ""), outputs=[chat, message, status], api_name=False)
+               api_name=name, concurrency_id=MODEL_QUEUE, concurrency_limit=1
+               ).then(on_done, inputs=[chat, session], outputs=[session], api_name=False)
+    clear.click(lambda: ([], "", "", None), outputs=[chat, message, status, session], api_name=False)
 
 
 def chat_events(stream, message: str, history) -> Iterator[tuple]:
@@ -105,7 +99,7 @@ def chat_events(stream, message: str, history) -> Iterator[tuple]:
     Bad input keeps the user's text in the box (no lost work); a model failure ends that answer
     with a notice and leaves the conversation usable.
     """
-    history = list(history or [])
+    history = as_text_turns(history)  # Gradio sends content as lists of parts
     message = (message or "").strip()
     if not message:
         yield history, gr.skip(), "⚠️ Type a message first."
@@ -126,63 +120,30 @@ def chat_events(stream, message: str, history) -> Iterator[tuple]:
     yield turns, "", "✅ Done: a draft for review, not a diagnosis."
 
 
-def draft_events(assistant: Assistant, files, indication: str, history, study=None) -> Iterator[tuple]:
-    """Generator behind the button: read the study, show it, stream the draft into the chat.
-
-    Yields (gallery, chat, status, files, study). New uploads replace the session's study; with no
-    new upload the last study is drafted again (e.g. after the indication was edited).
-    """
-    history = list(history or [])
-    paths = [Path(getattr(f, "name", f)) for f in (files or [])]
-    if len(paths) > MAX_IMAGES_PER_STUDY:
-        yield _no_change(history, f"⚠️ At most {MAX_IMAGES_PER_STUDY} images per study ({len(paths)} uploaded).")
-        return
-    if paths:
-        study, problem = read_uploads(assistant, paths)
-        if problem:
-            yield gr.skip(), history, problem, None, gr.skip()
-            return
-    if not study:
-        yield _no_change(history, "⚠️ Upload at least one DICOM, PNG or JPEG image first.")
-        return
-    request = f"Draft a report for {len(study)} image(s)." + (f" Indication: {indication}" if indication else "")
-    history += [{"role": "user", "content": request}, {"role": "assistant", "content": ""}]
-    # The uploads are gone from disk once read: clear the file list so it offers no dead links.
-    yield [to_uint8(scan) for scan in study], history, "Drafting…", None, study
-    try:
-        for draft in assistant.draft_report(study, indication=indication):
-            history[-1] = {"role": "assistant", "content": draft}
-            yield gr.skip(), history, "Drafting…", gr.skip(), gr.skip()
-    except Exception as err:  # the session must stay usable after a model failure
-        log.error("draft generation failed: %s", type(err).__name__)
-        history[-1] = {"role": "assistant", "content": history[-1]["content"] + "\n\n⚠️ Generation stopped."}
-        message = f"⚠️ The model failed while drafting ({user_message(err)}). Please try again."
-        yield gr.skip(), history, message, gr.skip(), gr.skip()
-        return
-    yield gr.skip(), history, "✅ Draft complete: review and edit before use.", gr.skip(), gr.skip()
+def record_chat(workflow: Workflow, user: str, mode: str, history, stored):
+    """Store the turns added since the last call; returns the new (session id, stored count)."""
+    session_id, count = stored or (None, 0)
+    history = as_text_turns(history)
+    if len(history) < count:  # the conversation was cleared or replaced: a new session
+        session_id, count = None, 0
+    for index in range(count, len(history) - 1, 2):
+        question, answer = history[index], history[index + 1]
+        if question.get("role") == "user" and answer.get("role") == "assistant":
+            session_id = workflow.record_turn(user, mode, session_id, question["content"], answer["content"])
+    return session_id, len(history) - len(history) % 2
 
 
-def _no_change(history, status: str) -> tuple:
-    return gr.skip(), history, status, gr.skip(), gr.skip()
+def history_tab(workflow: Workflow, app: gr.Blocks) -> None:
+    gr.Markdown("Your conversations and accepted reports (only yours), newest first.")
+    table = gr.Dataframe(headers=["kind", "mode", "when (UTC)", "title"], interactive=False,
+                         elem_id="history-table")
+    refresh = gr.Button("Refresh", elem_id="history-refresh")
 
+    def rows(request: gr.Request):
+        return [[r.kind, r.mode, r.when, r.title] for r in workflow.history(current_user(request))]
 
-def read_uploads(assistant: Assistant, paths: list[Path]):
-    """Scans for every upload, or a user-facing message naming the first bad one by position.
-
-    Uploads are deleted once read: the pixels live on in memory, the file (and its PHI-bearing
-    header and file name) does not stay on disk.
-    """
-    scans = []
-    try:
-        for index, path in enumerate(paths, start=1):
-            try:
-                scans.append(assistant.read(path))
-            except ScanError as err:
-                return [], f"⚠️ Image {index} could not be used: {err}"
-    finally:
-        for path in paths:
-            path.unlink(missing_ok=True)
-    return scans, ""
+    refresh.click(rows, outputs=[table], api_name="history")
+    app.load(rows, outputs=[table], api_name=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,22 +151,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--users", default=None, help="users file for sign-in (default: $ASSISTANT_USERS_FILE)")
+    parser.add_argument("--data-dir", default=None, help="history and exports (default: $ASSISTANT_DATA_DIR)")
     add_model_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # handler-level: also covers child loggers' records
         handler.addFilter(PhiLogFilter())
     try:
+        auth = _authenticator(args.users)
+        folder = Path(args.data_dir) if args.data_dir else data_dir()
+        workflow = Workflow(Store.open(folder / "assistant.db"), folder / "exports")
         assistant = Assistant.from_config(config_from_args(args))
     except Exception as err:
         if args.debug:
             raise
         print(f"error: {user_message(err)}")
         return 2
-    app = build_app(assistant)
+    app = build_app(assistant, workflow)
     app.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD,
-               ssr_mode=False, show_error=False)
+               ssr_mode=False, show_error=False, auth=auth, auth_message="Sign in (research use only)")
     return 0
+
+
+def _authenticator(users: str | None):
+    path = Path(users) if users else users_file_from_env()
+    if path is None:
+        log.warning("sign-in is off (no users file): everyone shares the local history")
+        return None
+    return Authenticator.from_file(path)
 
 
 if __name__ == "__main__":

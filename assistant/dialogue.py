@@ -16,6 +16,29 @@ MAX_TURNS = 6  # recent turns kept in the prompt: enough context, bounded prefil
 MAX_TURN_CHARS = 1200
 
 
+def message_text(content) -> str:
+    """The text of a chat message whose content is a string or a list of parts
+    ([{"type": "text", "text": ...}, ...] as Gradio and OpenAI-style clients send it)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    if isinstance(content, (list, tuple)):
+        return "\n".join(part.get("text", "") for part in content
+                         if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def as_text_turns(history: Sequence[dict]) -> list[dict]:
+    """History as [{"role", "content": str}], dropping turns that carry no text (files, images)."""
+    turns = []
+    for turn in history or []:
+        text = message_text(turn.get("content")) if isinstance(turn, dict) else ""
+        if text and turn.get("role") in {"user", "assistant"}:
+            turns.append({"role": turn["role"], "content": text})
+    return turns
+
+
 def clean_user_text(text: str, max_chars: int = MAX_TURN_CHARS) -> str:
     return sanitise_field(mask_phi(text or ""), max_chars=max_chars)
 
@@ -23,18 +46,15 @@ def clean_user_text(text: str, max_chars: int = MAX_TURN_CHARS) -> str:
 def render_history(history: Sequence[dict], user_label: str, assistant_label: str) -> str:
     """Recent turns as 'Label: text' lines; assistant turns lose banners and labels first."""
     lines = []
-    for turn in list(history)[-MAX_TURNS:]:
-        role, content = turn.get("role"), turn.get("content")
-        if not isinstance(content, str) or role not in {"user", "assistant"}:
-            continue  # files, images and other rich content do not enter text prompts
-        label = user_label if role == "user" else assistant_label
-        lines.append(f"{label}: {clean_user_text(_strip_safety_text(content))}")
+    for turn in as_text_turns(history)[-MAX_TURNS:]:  # files and images do not enter text prompts
+        label = user_label if turn["role"] == "user" else assistant_label
+        lines.append(f"{label}: {clean_user_text(_strip_safety_text(turn['content']))}")
     return "\n".join(lines)
 
 
 def user_turns(history: Sequence[dict], message: str) -> str:
     """All the user's words in this conversation: red flags said earlier still count."""
-    said = [t["content"] for t in history if t.get("role") == "user" and isinstance(t.get("content"), str)]
+    said = [turn["content"] for turn in as_text_turns(history) if turn["role"] == "user"]
     return "\n".join([*said, message])
 
 

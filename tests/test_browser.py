@@ -6,6 +6,8 @@ Screenshots are kept under test-artifacts/ for review.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import socket
@@ -43,14 +45,23 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
     raise TimeoutError(f"app did not answer at {url} within {seconds} s")
 
 
+USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}
+
+
 @pytest.fixture(scope="module")
 def served_app(llm_cache, tmp_path_factory):
+    """The real app with sign-in (two users), a private data folder and short drafts."""
+    from assistant.auth import add_user
+
+    folder = tmp_path_factory.mktemp("app")
+    for name, password in USERS.items():
+        add_user(folder / "users.json", name, password)
     port = free_port()
-    env = {**os.environ, "ASSISTANT_CACHE_DIR": str(llm_cache["cache"]),
-           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("uploads"))}
-    log = (tmp_path_factory.mktemp("logs") / "app.log").open("w")
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--max-new-tokens", "16"],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "ASSISTANT_CACHE_DIR": str(llm_cache["cache"]), "GRADIO_TEMP_DIR": str(folder / "uploads")}
+    log = (folder / "app.log").open("w")
+    command = [sys.executable, "app.py", "--port", str(port), "--max-new-tokens", "16",
+               "--users", str(folder / "users.json"), "--data-dir", str(folder / "data")]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(f"http://127.0.0.1:{port}/", process)
         yield f"http://127.0.0.1:{port}/"
@@ -60,8 +71,8 @@ def served_app(llm_cache, tmp_path_factory):
         log.close()
 
 
-@pytest.fixture
-def page(served_app):
+@pytest.fixture(scope="module")
+def browser(served_app):
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian chromium is not installed (make test installs it)")
     from playwright.sync_api import sync_playwright
@@ -72,10 +83,30 @@ def page(served_app):
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run"],
         )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(served_app)
-        yield page
+        yield browser
         browser.close()
+
+
+def sign_in(browser, url: str, user: str, password: str):
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.goto(url)
+    page.get_by_label("username").fill(user)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+    return page
+
+
+@pytest.fixture
+def page(browser, served_app):
+    page = sign_in(browser, served_app, "alice", USERS["alice"])
+    page.wait_for_selector("#draft-button", timeout=30_000)
+    yield page
+    page.context.close()
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
 def upload(page, path) -> None:
@@ -93,8 +124,24 @@ def test_upload_a_dicom_and_a_draft_appears(page):
     chat = page.locator("#chat").inner_text()
     assert DRAFT_LABEL in chat and "FINDINGS:" in chat
     assert page.locator("#viewer img").count() >= 1  # the image is shown
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "draft_report.png"), full_page=True)
+    screenshot(page, "draft_report")
+
+    # edit -> accept -> export
+    editor = page.locator("#report-editor textarea")
+    page.wait_for_function("document.querySelector('#report-editor textarea').value.includes('FINDINGS')")
+    editor.fill(editor.input_value() + "\nAddendum: reviewed by the radiologist.")
+    page.click("#accept-button")
+    page.wait_for_selector("#accept-status :text('Accepted by')", timeout=30_000)
+    assert "alice" in page.locator("#accept-status").inner_text()
+    page.get_by_label("fhir").check()
+    page.click("#export-button")
+    page.wait_for_selector("#accept-status :text('Exported as fhir')", timeout=30_000)
+    with page.expect_download() as download:
+        page.locator("#export-file a").first.click()
+    bundle = json.loads(open(download.value.path()).read())
+    report = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    assert "Addendum: reviewed" in base64.b64decode(report["presentedForm"][0]["data"]).decode()
+    screenshot(page, "accepted_and_exported")
 
 
 def test_a_non_dicom_upload_shows_a_clear_error(page, tmp_path):
@@ -104,8 +151,7 @@ def test_a_non_dicom_upload_shows_a_clear_error(page, tmp_path):
     page.click("#draft-button")
     page.wait_for_selector("#status :text('could not be used')", timeout=30_000)
     assert "Traceback" not in page.content()
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "non_dicom_error.png"), full_page=True)
+    screenshot(page, "non_dicom_error")
 
 
 @pytest.mark.parametrize("mode,tab,text,expect", [
@@ -122,5 +168,25 @@ def test_each_text_mode_answers_in_the_browser(page, mode, tab, text, expect):
     page.wait_for_selector(f"#{mode}-status :text('Done')", timeout=120_000)
     answer = page.locator(f"#{mode}-chat").inner_text()
     assert DRAFT_LABEL in answer and expect in answer
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{mode}.png"), full_page=True)
+    screenshot(page, mode)
+
+
+def test_history_is_per_user_and_a_wrong_password_is_refused(browser, served_app, page):
+    page.get_by_role("tab", name="Triage").click()
+    page.fill("#triage-message textarea", "alice-only question about a mild rash")
+    page.click("#triage-send")
+    page.wait_for_selector("#triage-status :text('Done')", timeout=120_000)
+    page.get_by_role("tab", name="History").click()
+    page.click("#history-refresh")
+    page.wait_for_selector("#history-table :text('alice-only question')", timeout=30_000)
+
+    bob = sign_in(browser, served_app, "bob", USERS["bob"])
+    bob.get_by_role("tab", name="History").click()
+    bob.click("#history-refresh")
+    bob.wait_for_timeout(1500)
+    assert "alice-only" not in bob.locator("#history-table").inner_text()
+    screenshot(bob, "history_bob")
+
+    intruder = sign_in(browser, served_app, "bob", "not-the-password")
+    intruder.wait_for_timeout(1500)
+    assert intruder.locator("#draft-button").count() == 0

@@ -28,3 +28,14 @@ def test_user_turns_include_earlier_messages():
 
 def test_trim_at_the_first_stop():
     assert trim_at_stop("Ask more.\nPerson: hi\nNurse: x", ("\nNurse:", "\nPerson:")) == "Ask more."
+
+
+def test_content_parts_as_gradio_sends_them_are_read():
+    from assistant.dialogue import as_text_turns
+
+    history = [{"role": "user", "content": [{"type": "text", "text": "crushing chest pain"}]},
+               {"role": "assistant", "content": [{"type": "file", "file": {"path": "x.png"}}]},
+               {"role": "user", "content": {"type": "text", "text": "and sweating"}}]
+    assert as_text_turns(history) == [{"role": "user", "content": "crushing chest pain"},
+                                      {"role": "user", "content": "and sweating"}]
+    assert user_turns(history, "now") == "crushing chest pain\nand sweating\nnow"
