@@ -48,27 +48,34 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
 USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 
 
-@pytest.fixture(scope="module")
-def served_app(llm_cache, tmp_path_factory):
-    """The real app with sign-in (two users), a private data folder and short drafts."""
+def start_app(cache, folder) -> tuple[subprocess.Popen, str]:
+    """The real app with sign-in (two users), a data folder and short drafts; returns (process, url)."""
     from assistant.auth import add_user
 
-    folder = tmp_path_factory.mktemp("app")
-    for name, password in USERS.items():
-        add_user(folder / "users.json", name, password)
+    if not (folder / "users.json").exists():
+        for name, password in USERS.items():
+            add_user(folder / "users.json", name, password)
     port = free_port()
-    env = {**os.environ, "ASSISTANT_CACHE_DIR": str(llm_cache["cache"]), "GRADIO_TEMP_DIR": str(folder / "uploads")}
-    log = (folder / "app.log").open("w")
+    env = {**os.environ, "ASSISTANT_CACHE_DIR": str(cache), "GRADIO_TEMP_DIR": str(folder / "uploads")}
     command = [sys.executable, "app.py", "--port", str(port), "--max-new-tokens", "16",
                "--users", str(folder / "users.json"), "--data-dir", str(folder / "data")]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with (folder / "app.log").open("a") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
     try:
-        wait_for(f"http://127.0.0.1:{port}/", process)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        wait_for(url, process)
+    except Exception:
+        process.kill()
+        raise
+    return process, url
+
+
+@pytest.fixture(scope="module")
+def served_app(llm_cache, tmp_path_factory):
+    process, url = start_app(llm_cache["cache"], tmp_path_factory.mktemp("app"))
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +114,22 @@ def page(browser, served_app):
 def screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def wait_for_text(page, selector: str, text: str, timeout: int = 30_000) -> None:
+    page.wait_for_function("([sel, text]) => (document.querySelector(sel)?.innerText || '').includes(text)",
+                           arg=[selector, text], timeout=timeout)
+
+
+def draft_and_accept(page, addendum: str) -> None:
+    upload(page, CHEST_DICOM)
+    page.click("#draft-button")
+    page.wait_for_selector("#status :text('Draft complete')", timeout=120_000)
+    page.wait_for_function("document.querySelector('#report-editor textarea').value.includes('FINDINGS')")
+    editor = page.locator("#report-editor textarea")
+    editor.fill(editor.input_value() + "\n" + addendum)
+    page.click("#accept-button")
+    page.wait_for_selector("#accept-status :text('Accepted by')", timeout=30_000)
 
 
 def upload(page, path) -> None:
@@ -178,7 +201,7 @@ def test_history_is_per_user_and_a_wrong_password_is_refused(browser, served_app
     page.wait_for_selector("#triage-status :text('Done')", timeout=120_000)
     page.get_by_role("tab", name="History").click()
     page.click("#history-refresh")
-    page.wait_for_selector("#history-table :text('alice-only question')", timeout=30_000)
+    wait_for_text(page, "#history-table", "alice-only question")
 
     bob = sign_in(browser, served_app, "bob", USERS["bob"])
     bob.get_by_role("tab", name="History").click()
@@ -190,3 +213,27 @@ def test_history_is_per_user_and_a_wrong_password_is_refused(browser, served_app
     intruder = sign_in(browser, served_app, "bob", "not-the-password")
     intruder.wait_for_timeout(1500)
     assert intruder.locator("#draft-button").count() == 0
+
+
+def test_sigkill_of_the_server_loses_no_accepted_report(llm_cache, browser, tmp_path):
+    import signal
+
+    process, url = start_app(llm_cache["cache"], tmp_path)
+    try:
+        page = sign_in(browser, url, "alice", USERS["alice"])
+        draft_and_accept(page, "Addendum: survives a crash.")
+        page.context.close()
+    finally:
+        process.send_signal(signal.SIGKILL)  # no shutdown hooks, no flush: what was committed must be on disk
+        process.wait(timeout=30)
+    process, url = start_app(llm_cache["cache"], tmp_path)
+    try:
+        page = sign_in(browser, url, "alice", USERS["alice"])
+        page.get_by_role("tab", name="History").click()
+        page.click("#history-refresh")
+        wait_for_text(page, "#history-table", "accepted report")
+        screenshot(page, "history_after_sigkill")
+        page.context.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
