@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # handler-level: also covers child loggers' records
         handler.addFilter(PhiLogFilter())
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # single queries run 5-13x slower when a second thread waits for a busy core
     try:
         auth = _authenticator(args.users)
         folder = Path(args.data_dir) if args.data_dir else data_dir()
