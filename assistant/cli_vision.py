@@ -11,7 +11,7 @@ from pathlib import Path
 def add_commands(commands) -> None:
     train = commands.add_parser("train-vision", help="train the chest X-ray vision encoder on ../shared/data")
     train.add_argument("--out", default="adapters/vision-nih14", help="folder for the trained weights")
-    train.add_argument("--epochs", type=int, default=None, help="NIH epochs (default 30)")
+    train.add_argument("--epochs", type=int, default=None, help="NIH epochs (default 10)")
     train.add_argument("--pretrain-epochs", type=int, default=None,
                        help="PneumoniaMNIST pretraining epochs (default 2; 0 skips)")
     train.add_argument("--work-dir", default=None, help="checkpoints (default .cache/train-vision/NAME)")

@@ -41,16 +41,24 @@ class DicomConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The vision tower. `path` None builds the default SigLIP-style tower trained here."""
+    """The vision tower. `path` None builds the default SigLIP-style tower trained here.
+
+    The defaults match the data it is trained on (64 px NIH ChestX-ray14 and 28 px PneumoniaMNIST):
+    64 px input in 8 px patches gives 64 image tokens.
+    """
 
     path: str | None = None
-    image_size: int = 224
-    patch_size: int = 16
-    hidden_size: int = 384
-    intermediate_size: int = 1536
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 6
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
     num_channels: int = 3  # grayscale radiographs are replicated to 3 channels
+    # Trained weights (vision.safetensors + finding_head.safetensors). The default is the folder
+    # shipped in the repository (a relative path falls back to the repository root); it belongs to
+    # the built-in architecture and is ignored when `path` names another model. None: fresh init.
+    weights: str | None = "adapters/vision-nih14"
 
 
 @dataclass(frozen=True)

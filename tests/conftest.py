@@ -34,11 +34,12 @@ def tiny_tokenizer():
 
 
 def tiny_config(**overrides):
-    """An AssistantConfig with a tiny vision tower (32 px, 8 px patches -> 16 image tokens)."""
+    """An AssistantConfig with a tiny, fresh vision tower (32 px, 8 px patches -> 16 image tokens)."""
     from assistant.config import AssistantConfig, VisionConfig
 
+    # weights=None: the shipped trained weights belong to the full-size default tower.
     vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=2)
+                          num_hidden_layers=2, num_attention_heads=2, weights=None)
     config = AssistantConfig(vision=vision)
     return config.override({**{"llm.lora_r": 4, "llm.lora_alpha": 8, "llm.lora_dropout": 0.0}, **overrides})
 
