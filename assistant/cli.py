@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_groups():
-    from . import cli_index, cli_users, cli_vision
+    from . import cli_evaluate, cli_index, cli_users, cli_vision
 
-    return [cli_vision.add_commands, cli_index.add_commands, cli_users.add_commands]
+    return [cli_vision.add_commands, cli_index.add_commands, cli_users.add_commands, cli_evaluate.add_commands]
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

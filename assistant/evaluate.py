@@ -1,0 +1,225 @@
+"""`evaluate(task)`: one command per quality claim, each writing a JSON result that says how it was made.
+
+Every result records the metrics, the model's provenance (the GGUF's sha256 from conversion.json,
+sha256 of every adapter and vision-weight file), the data split and counts, the date, the exact
+command and the elapsed time, so a number in the README can always be traced to a rerunnable run.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+from .base_models import file_sha256
+from .config import DEFAULT_LLM, AssistantConfig, cache_dir
+
+TASKS = ("report", "summary", "educate", "triage", "retrieval")
+# Tasks whose modules do not exist yet: the issue each waits for (filled in as they land).
+PENDING = {
+    "summary": "the EHR summarisation issue (assistant.summarize)",
+    "educate": "the patient-education issue (assistant.educate)",
+    "retrieval": "the similar-case retrieval issue (assistant.retrieval)",
+}
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+VIGNETTES = ROOT / "tests" / "data" / "red_flag_vignettes.jsonl"
+
+
+class TaskNotImplemented(ValueError):
+    """The task's module has not been built yet (a one-line error, not a traceback)."""
+
+
+def default_out(task: str) -> Path:
+    return RESULTS_DIR / f"eval-{task}.json"
+
+
+def evaluate(task: str, limit: int | None = None, config: AssistantConfig | None = None,
+             out: str | Path | None = None, *, assistant=None, embedder=None, max_new_tokens: int | None = None,
+             meteor: bool = True, command: str | None = None, progress: bool = True) -> dict:
+    """Run one task's evaluation, write `out` (JSON) if given, print its table, return the result.
+
+    `assistant` (report task) may be supplied, e.g. a tiny test model; otherwise it is built from
+    `config`. Decoding is always greedy so reruns reproduce the numbers.
+    """
+    _check_task(task)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1 (got {limit})")
+    if assistant is not None and config is not None:
+        raise ValueError("pass either a config or an assistant, not both")
+    start = time.perf_counter()
+    if task == "triage":
+        result = {"task": task, **run_triage(limit)}
+    else:
+        assistant = _greedy_assistant(assistant, config, max_new_tokens)
+        result = {"task": task, **_run_report(assistant, limit, embedder, meteor, progress)}
+    result.update(_record(command, time.perf_counter() - start))
+    if out is not None:
+        write_result(result, Path(out))
+    print(render_markdown(result))
+    return result
+
+
+def _check_task(task: str) -> None:
+    if task in PENDING:
+        raise TaskNotImplemented(f"evaluate --task {task}: not implemented yet: depends on {PENDING[task]}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+
+
+def _greedy_assistant(assistant, config: AssistantConfig | None, max_new_tokens: int | None):
+    from .pipeline import Assistant
+
+    overrides = {"generation.temperature": 0.0}
+    if max_new_tokens is not None:
+        overrides["generation.max_new_tokens"] = max_new_tokens
+    if assistant is None:
+        return Assistant.from_config((config or AssistantConfig()).override(overrides))
+    # A shallow copy shares the loaded weights but leaves the caller's assistant and config untouched.
+    vlm = copy.copy(assistant.vlm)
+    vlm.config = assistant.config.override(overrides)
+    return Assistant(vlm)
+
+
+def _run_report(assistant, limit, embedder, meteor: bool, progress: bool) -> dict:
+    from .evaluate_report import run_report
+
+    def embedder_factory():
+        if embedder is not None:
+            return embedder
+        from .base_models import load_embedder
+
+        return load_embedder(assistant.config.embedder)
+
+    result = run_report(assistant, limit, embedder_factory, meteor=meteor, progress=progress)
+    gen = assistant.config.generation
+    result["generation"] = {"decoding": "greedy", "max_new_tokens": gen.max_new_tokens,
+                            "repetition_penalty": gen.repetition_penalty}
+    result["model"] = provenance(assistant.config, assistant.vlm)
+    return result
+
+
+# ---- triage -------------------------------------------------------------------------------------
+
+def run_triage(limit: int | None = None, path: Path = VIGNETTES) -> dict:
+    """The deterministic red-flag layer (safety.find_red_flags) on the written vignette set."""
+    from .metrics import triage_metrics
+    from .safety import default_rules, find_red_flags
+
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = rows[:limit] if limit is not None else rows
+    flags = [find_red_flags(row["text"]) for row in rows]
+    predicted = [found[0].urgency if found else "none" for found in flags]
+    metrics = triage_metrics([r["expected"] for r in rows], predicted, [r.get("category") for r in rows],
+                             [{f.category for f in found} for found in flags])
+    misses = [{"text": r["text"], "expected": r["expected"], "got": p}
+              for r, p in zip(rows, predicted) if r["expected"] != p]
+    rules_path = default_rules().path
+    return {"dataset": {"name": "red-flag vignettes", "file": _relative(path), "n_evaluated": len(rows),
+                        "limit": limit, "order": "file order"},
+            "system": "safety.find_red_flags (fixed rules, no model)",
+            "rules": {"file": _relative(Path(rules_path)), "sha256": file_sha256(Path(rules_path))},
+            "metrics": metrics, "misses": misses}
+
+
+# ---- provenance, recording, output --------------------------------------------------------------
+
+def folder_hashes(folder: str | Path | None) -> dict | None:
+    """sha256 of every file in a weights folder (relative paths resolve from the repository root)."""
+    if folder is None:
+        return None
+    path = Path(folder).expanduser()
+    path = path if path.is_absolute() or path.exists() else ROOT / path
+    if not path.is_dir():
+        return {"path": str(folder), "missing": True}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {"path": str(folder), "files": {str(p.relative_to(path)): file_sha256(p) for p in files}}
+
+
+def provenance(config: AssistantConfig, vlm) -> dict:
+    """What produced the numbers: base model hash, adapter and vision-weight hashes, size."""
+    from .base_models import CACHE_FORMAT
+
+    # The default LLM's cache folder, located without converting (a tiny test model never has one).
+    llm_dir = (cache_dir() / "models" / f"gemma3-270m-v{CACHE_FORMAT}" if config.llm.path == DEFAULT_LLM
+               else Path(config.llm.path).expanduser())
+    record = llm_dir / "conversion.json"
+    conversion = json.loads(record.read_text()) if record.is_file() else {}
+    weights = vlm.hf.parameters()
+    return {
+        "llm": {"path": config.llm.path, "dtype": config.llm.dtype,
+                "gguf_sha256": conversion.get("gguf_sha256"), "conversion_json": str(record) if conversion else None},
+        "adapter": folder_hashes(config.adapter),
+        "vision_weights": folder_hashes(config.vision.weights) if config.vision.path is None else None,
+        "parameters": sum(p.numel() for p in weights),
+        "embedder": config.embedder,
+    }
+
+
+def _record(command: str | None, elapsed: float) -> dict:
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or current_command(),
+        "elapsed_s": round(elapsed, 2),
+        "environment": environment(),
+    }
+
+
+def current_command() -> str:
+    """The command line as typed: `python -m assistant …` (or `-m assistant.MODULE`) when run as a module."""
+    argv = sys.argv
+    script = Path(argv[0]).resolve() if argv and argv[0] else None
+    if script is not None and script.parent == Path(__file__).resolve().parent:
+        module = "assistant" if script.stem == "__main__" else f"assistant.{script.stem}"
+        return shlex.join(["python", "-m", module, *argv[1:]])
+    return shlex.join(["python", *argv]) if script is not None else "python"
+
+
+def environment() -> dict:
+    packages = {}
+    for name in ("torch", "transformers", "peft", "sentence-transformers", "pycocoevalcap"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "loadavg_1m_5m_15m": list(os.getloadavg()), "packages": packages}
+
+
+def write_result(result: dict, out: Path) -> None:
+    """The JSON result, and the per-study predictions beside it (kept out of the README's input)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    predictions = result.get("predictions")
+    if predictions is not None:
+        side = out.with_suffix(".predictions.jsonl")
+        _write_atomic(side, "".join(json.dumps(p) + "\n" for p in predictions))
+        result = {**{k: v for k, v in result.items() if k != "predictions"}, "predictions_file": _relative(side)}
+    _write_atomic(out, json.dumps(result, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def render_markdown(result: dict) -> str:
+    from .evaluate_tables import RENDERERS
+
+    render: Callable[[dict], str] | None = RENDERERS.get(result.get("task"))
+    return render(result) if render else json.dumps(result.get("metrics"), indent=2)

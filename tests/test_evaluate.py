@@ -1,0 +1,141 @@
+"""evaluate(): the report task on a tiny model, triage on the vignettes, one-line errors, the CLI group."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from assistant.evaluate import TASKS, TaskNotImplemented, evaluate
+from assistant.evaluate_report import (
+    Study,
+    iu_uid,
+    load_studies,
+    most_common_normal,
+    nearest_neighbours,
+    split_draft,
+)
+from assistant.labeler import label_report
+from assistant.report import DraftReport
+from assistant.safety import label_draft
+from conftest import SHARED_DATA
+
+needs_iu = pytest.mark.skipif(not (SHARED_DATA / "iu-xray").is_dir(), reason="needs ../shared/data/iu-xray")
+
+
+class WordHashEmbedder:
+    """A stand-in for MiniLM: bag of hashed words, unit norm (fast and deterministic)."""
+
+    def encode(self, texts, **_):
+        out = np.zeros((len(texts), 128), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                out[row, sum(map(ord, word)) % 128] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_split_draft_reads_sections_and_drops_placeholders():
+    assert split_draft(label_draft(DraftReport("Lungs clear.", "Normal.").to_text())) == ("Lungs clear.", "Normal.")
+    assert split_draft(label_draft(DraftReport("", "").to_text())) == ("", "")
+    assert split_draft(label_draft(DraftReport("Lungs clear.", "").to_text(partial=True))) == ("Lungs clear.", "")
+
+
+def test_iu_uid():
+    assert iu_uid("CXR3030_IM-1405") == 3030 and iu_uid("CXR1_1_IM-0001") == 1
+    with pytest.raises(ValueError):
+        iu_uid("3030")
+
+
+def test_nearest_neighbour_copies_the_train_study_with_the_closest_indication():
+    train = [Study("a", "chest pain", "Heart normal.", ""), Study("b", "cough and fever", "Right opacity.", "")]
+    test = [Study("t", "fever cough", "x", "")]
+    assert nearest_neighbours(train, test, WordHashEmbedder())[0].id == "b"
+
+
+@needs_iu
+def test_iu_test_split_joins_indications_and_rexrank_references():
+    studies = load_studies("test")
+    assert len(studies) == 590 and studies[0].id == "CXR3030_IM-1405"
+    assert studies[0].indication == "Chest pain, dyspnea"
+    assert studies[0].rexrank_reference.startswith("Findings: Normal cardiomediastinal silhouette.")
+    assert " Impression: " in studies[0].rexrank_reference
+    constant = most_common_normal(load_studies("train"))
+    assert label_report(constant.findings)["No Finding"] == 1
+
+
+@needs_iu
+def test_report_task_on_a_tiny_model(tiny_vlm, tmp_path, capsys):
+    from assistant.pipeline import Assistant
+
+    out = tmp_path / "eval-report.json"
+    result = evaluate("report", limit=2, assistant=Assistant(tiny_vlm), embedder=WordHashEmbedder(),
+                      out=out, meteor=False, max_new_tokens=8, command="python -m assistant evaluate --task report",
+                      progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["task"] == "report" and saved["conditioning"] == "indication only, no image"
+    assert saved["dataset"]["n_evaluated"] == 2 and saved["dataset"]["n_split"] == 590
+    assert saved["dataset"]["split"] == "test" and saved["dataset"]["limit"] == 2
+    assert saved["generation"] == {"decoding": "greedy", "max_new_tokens": 8, "repetition_penalty": 1.1}
+    assert set(saved["model"]) >= {"llm", "adapter", "vision_weights", "parameters"}
+    assert "gguf_sha256" in saved["model"]["llm"] and saved["model"]["parameters"] > 0
+    assert saved["command"] == "python -m assistant evaluate --task report"
+    assert saved["created"] and saved["elapsed_s"] >= 0 and "loadavg_1m_5m_15m" in saved["environment"]
+    assert set(saved["metrics"]) == {"model", "nearest_neighbour", "constant_normal"}
+    for system in saved["metrics"].values():
+        assert set(system["r2gen"]) >= {"BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "finding_f1"}
+        assert 0.0 <= system["rexrank"]["BLEU_2"] <= 1.0
+    assert "predictions" not in saved and result["predictions"][0]["id"] == "CXR3030_IM-1405"
+    lines = (tmp_path / "eval-report.predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[1])["id"] == "CXR38_IM-1911"
+    assert "SembScore" in saved["leaderboard"]["columns"] and saved["leaderboard"]["rows"]
+    printed = capsys.readouterr().out
+    assert "| BLEU-1 | BLEU-2 |" in printed and "ReXrank published (all 590): CheXagent" in printed
+    assert "indication only, no image" in printed
+    assert tiny_vlm.config.generation.max_new_tokens == 160  # the caller's model config is untouched
+
+
+def test_triage_task_scores_the_vignettes(tmp_path, capsys):
+    result = evaluate("triage", out=tmp_path / "eval-triage.json", command="test")
+    m = result["metrics"]
+    assert sum(m["counts"].values()) == result["dataset"]["n_evaluated"] >= 160
+    assert m["emergency_recall"] == 1.0 and m["urgent_flagged_any"] == 1.0
+    assert m["false_alarm_rate"] <= 0.10  # the bar test_safety holds the rules to
+    assert "Stroke" in m["per_category_recall"]
+    assert json.loads((tmp_path / "eval-triage.json").read_text())["rules"]["sha256"]
+    assert "emergency recall" in capsys.readouterr().out
+    assert evaluate("triage", limit=3, command="test")["dataset"]["n_evaluated"] == 3
+
+
+@pytest.mark.parametrize("task", ["summary", "educate", "retrieval"])
+def test_unimplemented_tasks_fail_with_one_line(task, capsys):
+    from assistant.cli_evaluate import main
+
+    with pytest.raises(TaskNotImplemented, match="not implemented yet: depends on"):
+        evaluate(task)
+    assert main(["evaluate", "--task", task]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not implemented yet: depends on" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate("nonsense")
+    with pytest.raises(ValueError, match="at least 1"):
+        evaluate("triage", limit=0)
+
+
+def test_add_commands_registers_evaluate_with_model_options():
+    from assistant.cli_evaluate import add_commands, run_evaluate
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate", "--task", "report", "--limit", "5", "--max-new-tokens", "32",
+                              "--set", "llm.lora_r=8", "--out", "x.json"])
+    assert (args.task, args.limit, args.max_new_tokens, args.out) == ("report", 5, 32, "x.json")
+    assert args.handler is run_evaluate and args.set == ["llm.lora_r=8"] and args.adapter is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--task", "bogus"])
+    assert set(TASKS) == {"report", "summary", "educate", "triage", "retrieval"}
