@@ -1,0 +1,266 @@
+"""Generation benchmark on the real default model (ClinicalVLM via Assistant.from_config).
+
+Measures, greedy and on a fixed prompt (the 966_fixed chest DICOM + "cough"):
+- decode tokens/s, excluding prefill (median over runs; a fixed token count is forced),
+- time to first token, and prefill time of a study (image tokens + prompt, one forward pass),
+- end to end: DICOM file -> read -> prompt -> complete 120-token labelled draft,
+- peak RSS; the machine's memory bandwidth and the bound it puts on decoding
+  (bytes read per token = every language-model weight in the runtime dtype, the tied 262k x 640
+  embedding once, as lm_head), and achieved / bound;
+- the same decode on plain transformers (bf16 and fp32), without the LLaVA wrapper.
+
+    .venv/bin/python benchmarks/generation.py [--runs 5] [--tokens 64] [--e2e-runs 3] [--no-reference]
+
+Writes benchmarks/results/generation.json and generation.md. Decoding is memory-bound, so a busy
+machine distorts the numbers: the load average before and after is recorded with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere, installed or not
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+
+from assistant.config import AssistantConfig  # noqa: E402
+from assistant.pipeline import Assistant, report_prompt  # noqa: E402
+
+DICOM = ROOT.parent / "shared" / "data" / "dicom" / "pylibjpeg-data" / "JPEG2000Lossless" / "966_fixed.dcm"
+RESULTS = ROOT / "benchmarks" / "results"
+INDICATION = "cough"
+E2E_TOKENS = 120
+
+
+class TokenClock(BaseStreamer):
+    """Timestamps each generated token as generate() hands it over (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def timed_generate(model, inputs: dict, tokens: int, pad_token_id: int | None) -> dict:
+    """One greedy generation of exactly `tokens` new tokens: time to first token, decode rate."""
+    clock = TokenClock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(**inputs, streamer=clock, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
+                       repetition_penalty=1.1, pad_token_id=pad_token_id)
+    decode_s = clock.times[-1] - clock.times[0]
+    return {"ttft_s": clock.times[0] - start, "decode_tokens_per_s": (len(clock.times) - 1) / decode_s,
+            "tokens": len(clock.times)}
+
+
+def decode_runs(model, inputs: dict, tokens: int, runs: int, pad_token_id: int | None) -> dict:
+    timed_generate(model, inputs, 8, pad_token_id)  # warm-up: kernels, allocator, caches
+    wall, cpu = time.perf_counter(), time.process_time()
+    samples = [timed_generate(model, inputs, tokens, pad_token_id) for _ in range(runs)]
+    # CPU seconds per wall second per torch thread: well below 1 means other work took the cores.
+    cpu_share = (time.process_time() - cpu) / (time.perf_counter() - wall) / torch.get_num_threads()
+    rates = [s["decode_tokens_per_s"] for s in samples]
+    return {"runs": runs, "new_tokens": tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "cpu_share": cpu_share,
+            "decode_tokens_per_s_median": statistics.median(rates), "decode_tokens_per_s_best": max(rates),
+            "decode_tokens_per_s_all": rates,
+            "ttft_s_median": statistics.median(s["ttft_s"] for s in samples)}
+
+
+def prefill_seconds(model, inputs: dict, runs: int) -> float:
+    """One forward pass over the whole study prompt (vision tower + projector + LLM), median."""
+    seconds = []
+    with torch.inference_mode():
+        model(**inputs, use_cache=True)  # warm-up
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(**inputs, use_cache=True)
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def end_to_end(assistant: Assistant, runs: int) -> dict:
+    """DICOM file to a complete labelled draft of exactly E2E_TOKENS new tokens, through the public API."""
+    hf = assistant.vlm.hf
+    original = hf.generation_config
+    hf.generation_config = copy.deepcopy(original)
+    hf.generation_config.min_new_tokens = E2E_TOKENS  # no early stop: every run drafts the same length
+    seconds, draft = [], ""
+    try:
+        for _ in range(runs):
+            start = time.perf_counter()
+            scan = assistant.read(DICOM)
+            for draft in assistant.draft_report([scan], INDICATION):
+                pass
+            seconds.append(time.perf_counter() - start)
+    finally:
+        hf.generation_config = original
+    return {"runs": runs, "new_tokens": E2E_TOKENS, "seconds_median": statistics.median(seconds),
+            "seconds_all": seconds, "draft_chars": len(draft)}
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 7) -> dict:
+    """Best-of-N read (sum) and copy bandwidth of a large array, in GB/s (1e9 bytes)."""
+    a = np.ones(megabytes * 2**20 // 8)
+    b = np.empty_like(a)
+    t = torch.ones(megabytes * 2**20 // 4)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    read_np = a.nbytes / best(a.sum) / 1e9
+    copy_np = 2 * a.nbytes / best(lambda: np.copyto(b, a)) / 1e9  # read + write
+    read_torch = t.numel() * 4 / best(t.sum) / 1e9
+    return {"array_mb": megabytes, "repeats": repeats, "numpy_sum_read_gb_s": read_np,
+            "numpy_copy_gb_s": copy_np, "torch_sum_read_gb_s": read_torch,
+            "torch_threads": torch.get_num_threads(), "best_read_gb_s": max(read_np, read_torch)}
+
+
+def decode_bytes(language_model, lm_head) -> dict:
+    """Bytes of weights read per decoded token: each distinct tensor once (tied embedding = lm_head)."""
+    seen: dict[int, int] = {}
+    for p in (*language_model.parameters(), *lm_head.parameters()):
+        seen[p.data_ptr()] = p.numel() * p.element_size()
+    head = lm_head.weight
+    return {"bytes_per_token": sum(seen.values()), "lm_head_bytes": head.numel() * head.element_size(),
+            "lm_head_shape": list(head.shape), "dtype": str(head.dtype).replace("torch.", ""),
+            "tied_embedding": head.data_ptr() == language_model.get_input_embeddings().weight.data_ptr()}
+
+
+def plain_reference(llm_dir: Path, prompt: str, tokens: int, runs: int) -> list[dict]:
+    """The bare causal LM (no vision, no LLaVA wrapper) on the same prompt text, bf16 and fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        model = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype).eval()
+        result = decode_runs(model, dict(inputs), tokens, runs, tokenizer.pad_token_id)
+        result["bytes"] = decode_bytes(model.get_decoder(), model.get_output_embeddings())
+        out.append({"dtype": str(dtype).replace("torch.", ""), **result})
+        del model
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_assistant(max_new_tokens: int) -> tuple[Assistant, str | None]:
+    """The default assistant; a fresh vision tower if the shipped weights are not there yet (timing
+    does not depend on weight values, and the note says so)."""
+    config = AssistantConfig().override({"generation.max_new_tokens": max_new_tokens,
+                                         "generation.temperature": 0.0})
+    weights = config.vision.weights
+    note = None
+    if weights and not ((ROOT / weights).is_dir() or Path(weights).is_dir()):
+        config = config.override({"vision.weights": None})
+        note = f"vision weights {weights!r} not found: freshly initialised tower (same cost per token)"
+    return Assistant.from_config(config, progress=True), note
+
+
+def environment() -> dict:
+    from importlib import metadata
+
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "transformers": metadata.version("transformers"),
+            "torch_threads": torch.get_num_threads()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from assistant.base_models import resolve_llm_dir
+
+    load_before = list(os.getloadavg())
+    start = time.perf_counter()
+    assistant, note = load_assistant(E2E_TOKENS)
+    load_s = time.perf_counter() - start
+    vlm = assistant.vlm
+    scan = assistant.read(DICOM)
+    inputs = vlm.build_inputs(report_prompt([scan], INDICATION), [scan.pixels])
+    decode = decode_runs(vlm.hf, inputs, args.tokens, args.runs, vlm.tokenizer.pad_token_id)
+    prefill = prefill_seconds(vlm.hf, inputs, args.runs)
+    e2e = end_to_end(assistant, args.e2e_runs)
+    rss_vlm = peak_rss_mb()
+    bandwidth = memory_bandwidth()
+    model_bytes = decode_bytes(vlm.hf.model.language_model, vlm.hf.lm_head)
+    bound = bandwidth["best_read_gb_s"] * 1e9 / model_bytes["bytes_per_token"]
+    result = {
+        "benchmark": "generation", "model": "ClinicalVLM (default config) via Assistant.from_config",
+        "note": note, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/generation.py " + " ".join(sys.argv[1:]),
+        "environment": environment(), "loadavg_before": load_before,
+        "load_seconds": load_s, "prompt": {"indication": INDICATION, "dicom": DICOM.name,
+                                          "image_tokens": vlm.num_image_tokens,
+                                          "prompt_tokens": decode["prompt_tokens"]},
+        "decode": decode, "prefill_s_median": prefill, "end_to_end": e2e, "peak_rss_mb": rss_vlm,
+        "memory_bandwidth": bandwidth, "model_bytes": model_bytes,
+        "decode_bound_tokens_per_s": bound,
+        "achieved_over_bound": decode["decode_tokens_per_s_median"] / bound,
+    }
+    if args.reference:
+        prompt = report_prompt([], INDICATION)
+        result["plain_transformers"] = plain_reference(resolve_llm_dir(assistant.config.llm.path), prompt,
+                                                       args.tokens, max(1, args.runs // 2 + 1))
+    result["loadavg_after"] = list(os.getloadavg())
+    result["elapsed_s"] = time.perf_counter() - start
+    return result
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="timed decode/prefill runs (median)")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per decode run")
+    parser.add_argument("--e2e-runs", type=int, default=3, help="end-to-end runs (median)")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="skip the plain-transformers bf16/fp32 runs")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if not DICOM.is_file():
+        print(f"chest DICOM not found at {DICOM}", file=sys.stderr)
+        return 2
+    result = run(args)
+    from report import render_generation  # benchmarks/report.py, beside this script
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out / "generation.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(args.out / "generation.md", render_generation(result) + "\n")
+    print(render_generation(result))
+    print(f"wrote {args.out / 'generation.json'} and {args.out / 'generation.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
