@@ -351,7 +351,9 @@ def find_phi(text: str, known_identifiers: Iterable[str] = ()) -> list[PhiSpan]:
 def mask_phi(text: str, known_identifiers: Iterable[str] = ()) -> str:
     """Replace every PHI span with `[KIND]`. Re-applies until stable so masking is idempotent."""
     known = tuple(known_identifiers)
-    for _ in range(4):
+    # Each pass can reveal a new name context (e.g. "Dr [NAME]Dr AA"), so adversarial text may need
+    # many passes; the bound only stops pathological input from looping forever.
+    for _ in range(64):
         spans = find_phi(text, known)
         if not spans:
             break
