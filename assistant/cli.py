@@ -24,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    prepare = commands.add_parser("prepare", help="convert/verify the offline base models (run once)")
+    prepare = commands.add_parser("prepare", help="convert/verify the offline base models and build the app's "
+                                  "indexes (run once)")
+    prepare.add_argument("--data-dir", default=None, help="where the app's indexes go (default: $ASSISTANT_DATA_DIR)")
     add_model_options(prepare)
-    prepare.set_defaults(handler=lambda args: run_prepare(config_from_args(args)))
+    prepare.set_defaults(handler=lambda args: run_prepare(config_from_args(args), args.data_dir))
 
     draft = commands.add_parser("draft", help="print a draft radiology report for DICOM/PNG/JPEG files")
     draft.add_argument("files", nargs="+", metavar="FILE", help="images of one study (frontal, lateral, prior)")
@@ -43,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_groups():
-    from . import cli_evaluate, cli_index, cli_users, cli_vision
+    from . import cli_evaluate, cli_index, cli_train, cli_users, cli_vision
 
-    return [cli_vision.add_commands, cli_index.add_commands, cli_users.add_commands, cli_evaluate.add_commands]
+    return [cli_vision.add_commands, cli_index.add_commands, cli_users.add_commands, cli_evaluate.add_commands,
+            cli_train.add_commands]
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -79,15 +82,21 @@ def _parse_assignment(item: str) -> tuple[str, object]:
         return name.strip(), raw  # bare strings need no quotes
 
 
-def run_prepare(config: AssistantConfig) -> int:
-    from .base_models import load_embedder, resolve_llm_dir
+def run_prepare(config: AssistantConfig, folder: str | None = None) -> int:
+    from pathlib import Path
+
+    from .app_retrieval import prepare_indexes
+    from .base_models import resolve_llm_dir
+    from .cli_index import text_embedder
+    from .config import data_dir
 
     start = time.perf_counter()
     llm_dir = resolve_llm_dir(config.llm.path)
     print(f"LLM ready: {llm_dir} ({time.perf_counter() - start:.1f} s)")
-    embedder = load_embedder(config.embedder)
-    dim = embedder.get_embedding_dimension()
-    print(f"Embedder ready: {config.embedder} ({dim}-d)")
+    embedding = text_embedder(config)
+    print(f"Embedder ready: {config.embedder} ({embedding[0].dim}-d)")
+    # The app's similar-case and patient-education indexes, built once into the data folder.
+    prepare_indexes(Path(folder) if folder else data_dir(), config, embedding)
     return 0
 
 

@@ -8,6 +8,7 @@ peft's public API on the language model only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from .base_models import ModelPathError, resolve_llm_dir
-from .config import AssistantConfig, GenerationConfig
+from .config import DEFAULT_ADAPTER, DEFAULT_LLM, AssistantConfig, GenerationConfig
 from .projector import build_projector
 from .vision import build_vision_config, build_vision_tower, to_pixel_values
 
@@ -50,8 +51,9 @@ class ClinicalVLM:
         except (OSError, ValueError, KeyError) as err:
             raise ModelPathError(f"could not load the LLM from {config.llm.path!r}: {_first_line(err)}") from err
         vlm = cls.from_parts(lm, tokenizer, config)
-        if config.adapter:
-            vlm.load_adapter(config.adapter)
+        adapter = resolve_adapter(config)
+        if adapter is not None:
+            vlm.load_adapter(adapter)
         vlm.hf.eval()
         return vlm
 
@@ -176,18 +178,24 @@ class ClinicalVLM:
 
         cfg = self.config.llm
         targets = "|".join(cfg.lora_targets)
+        scope = ""
+        if cfg.lora_layers:  # the top N decoder layers: backward then stops below them (text-only input)
+            count = self._base_model().config.text_config.num_hidden_layers
+            layers = "|".join(str(i) for i in range(max(0, count - cfg.lora_layers), count))
+            scope = rf"\.layers\.({layers})\..*"
         lora = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
             # Only the language model gets LoRA; the vision tower and projector train in full.
-            target_modules=rf".*language_model.*\.({targets})",
+            target_modules=rf".*language_model.*{scope}\.({targets})",
             task_type="CAUSAL_LM",
         )
         self.hf = get_peft_model(self.hf, lora)
 
-    def save_adapter(self, folder: str | Path, metadata: dict | None = None) -> Path:
-        """peft adapter + projector and vision weights (safetensors) + the config that built them."""
+    def save_adapter(self, folder: str | Path, metadata: dict | None = None, vision: bool = True) -> Path:
+        """peft adapter + projector and vision weights (safetensors) + the config that built them.
+        `vision=False` leaves the tower out when it is the unchanged one from `vision.weights`."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -196,7 +204,8 @@ class ClinicalVLM:
             self.hf.save_pretrained(str(folder))
         base = self._base_model()
         save_file(_cpu_state(base.model.multi_modal_projector), str(folder / PROJECTOR_FILE))
-        save_file(_cpu_state(base.model.vision_tower), str(folder / VISION_FILE))
+        if vision:
+            save_file(_cpu_state(base.model.vision_tower), str(folder / VISION_FILE))
         self.config.to_json(folder / ADAPTER_CONFIG)
         if metadata is not None:
             (folder / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
@@ -224,6 +233,27 @@ class ClinicalVLM:
     def _base_model(self):
         """The LlavaForConditionalGeneration under any peft wrapper."""
         return self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
+
+
+def resolve_adapter(config: AssistantConfig) -> Path | None:
+    """The adapter folder to load, or None. A relative path falls back to the repository root (like
+    prompts/ and the vision weights), so the shipped default loads from any working directory. The
+    shipped default was trained on the built-in LLM, vision tower and projector: with another model
+    or architecture it is skipped (its weights would not fit), while an explicit --adapter is not."""
+    if not config.adapter:
+        return None
+    if config.adapter == DEFAULT_ADAPTER and not _built_in_architecture(config):
+        return None
+    folder = Path(config.adapter).expanduser()
+    if not folder.is_absolute() and not folder.exists():
+        folder = Path(__file__).resolve().parents[1] / folder
+    return folder
+
+
+def _built_in_architecture(config: AssistantConfig) -> bool:
+    default = AssistantConfig()
+    same_tower = dataclasses.replace(config.vision, weights=None) == dataclasses.replace(default.vision, weights=None)
+    return config.llm.path == DEFAULT_LLM and same_tower and config.projector == default.projector
 
 
 class _StopOnText:

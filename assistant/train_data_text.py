@@ -1,0 +1,95 @@
+"""Text-only training examples: EHR summaries from Synthea records and MedQuAD patient education.
+
+Summary: each Synthea patient of the evaluation's train split (`ehr_records.synthea_split` with
+`evaluate_summary.SPLIT`, so held-out patients are never trained on) is rendered by the app's own
+renderer (`SyntheaExport.render`: ages, never dates or identifiers), put into
+`prompts/summarize.md` exactly as `Assistant.summarize` does (PHI masking, sanitising, length cap),
+and the target is `ehr_records.reference_summary`: every line copied from the record, in the
+summary's sections, without the "Problems:" line the prompt already ends with.
+
+Education: MedQuAD question -> answer in `prompts/educate.md`, with the first passages of other
+answers about the same focus as the retrieved trusted information (never the answer itself, which
+would teach copying), the target the answer cut at a sentence end. Split by question id with the evaluation's seed
+(`medquad_split`, seed 13), so its held-out questions are never trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .dialogue import clean_user_text
+from .phi import mask_phi
+from .pipeline import MAX_RECORD_CHARS, READING_LEVELS
+from .prompts import render, sanitise_multiline
+from .retrieval_passages import chunk_text, load_medquad, medquad_split
+from .retrieval_sources import shared_data_dir
+from .train_data import Example
+
+MAX_ANSWER_CHARS = 700  # education targets: a few sentences, the length a CPU answer can afford
+MEDQUAD_SEED = 13  # evaluate_educate's seed: its held-out questions stay held out
+
+
+def summary_prompt(record_text: str) -> str:
+    """The prompt exactly as Assistant.summarize builds it (PHI masking, sanitising, length cap)."""
+    return render("summarize", record=sanitise_multiline(mask_phi(record_text), MAX_RECORD_CHARS))
+
+
+def summary_examples(split: str = "train", root: Path | None = None) -> list[Example]:
+    from .ehr_records import reference_summary, synthea_split
+    from .ehr_synthea import SyntheaExport
+    from .evaluate_summary import SPLIT
+
+    if split not in ("train", "test"):
+        raise ValueError(f"Synthea patients are split into train and test, not {split!r}")
+    refs = getattr(synthea_split((root or shared_data_dir()) / "synthea", **SPLIT), split)
+    exports = {folder: SyntheaExport.load(folder) for folder in {ref.export for ref in refs}}
+    examples = []
+    for ref in refs:
+        record = exports[ref.export].render(ref.patient_id)
+        target = reference_summary(record).removeprefix("Problems:\n")
+        examples.append(Example(summary_prompt(record.text), target, source=ref.key))  # a pseudonym
+    return examples
+
+
+def short_answer(answer: str, max_chars: int = MAX_ANSWER_CHARS) -> str:
+    """The answer's leading sentences, at most max_chars (at least its first sentence piece)."""
+    chunks = chunk_text(answer, max_chars)
+    return chunks[0] if chunks else ""
+
+
+def related_passages(records, count: int = 2) -> dict[str, list[str]]:
+    """qid -> the first passages of up to `count` other answers about the same focus (disease,
+    drug...): the related trusted text a retriever finds. Never the record's own answer, so the
+    model learns to answer from sources instead of copying the target out of its prompt."""
+    by_focus: dict[str, list[dict]] = {}
+    for record in records:
+        by_focus.setdefault((record.get("focus") or "").lower(), []).append(record)
+    related = {}
+    for record in records:
+        others = [r for r in by_focus[(record.get("focus") or "").lower()]
+                  if r["qid"] != record["qid"] and _norm(r["answer"]) != _norm(record["answer"])]
+        related[record["qid"]] = [chunk_text(r["answer"])[0] for r in others[:count] if chunk_text(r["answer"])]
+    return related
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def educate_prompt(question: str, passages: list[str]) -> str:
+    """The prompt as Assistant.educate builds it for retrieved passages at the default level."""
+    sources = "\n".join(f"[{i}] {text}" for i, text in enumerate(passages, start=1))
+    return render("educate", question=clean_user_text(question), reading_level=READING_LEVELS[1],
+                  sources=sources or "(none found)")
+
+
+def educate_examples(split: str = "train", root: Path | None = None) -> list[Example]:
+    """Questions with related passages of the same split (a held-out question never sees train text
+    and vice versa); questions whose focus has no other answer are skipped."""
+    if split not in ("train", "test"):
+        raise ValueError(f"MedQuAD is split into train and test, not {split!r}")
+    path = (root or shared_data_dir()) / "medquad" / "medquad_qa_with_answers.jsonl.gz"
+    records = [r for r in getattr(medquad_split(load_medquad(path), seed=MEDQUAD_SEED), split) if r.get("question")]
+    related = related_passages(records)
+    return [Example(educate_prompt(r["question"], related[r["qid"]]), short_answer(r["answer"]), source=r["qid"])
+            for r in records if related[r["qid"]]]
