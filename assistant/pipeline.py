@@ -7,23 +7,32 @@ text -> safety labelling. Every yielded text is labelled as a draft for clinicia
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 from .config import AssistantConfig
 from .dialogue import clean_user_text, render_history, trim_at_stop, user_turns
-from .dicom import Scan, read_scan
+from .dicom import Scan, read_deidentified, read_scan
 from .grounding import annotate
-from .model import IMAGE_MARKER, ClinicalVLM
+from .guard import GuardResult, check_draft, classifier_auroc, merge_probs
+from .model import IMAGE_MARKER, VISION_FILE, ClinicalVLM, resolve_adapter
 from .phi import mask_phi
 from .prompts import render, sanitise_field, sanitise_multiline
 from .report import parse_continuation
+from .retrieval import SimilarCase
 from .safety import escalation_message, find_red_flags, guard_answer, label_draft
 from .triage import with_urgency
+from .vision import HEAD_FILE, VisionEncoder, load_vision_encoder, resolve_weights, to_pixel_values
+from .vision_heatmap import heatmap
 
 MAX_IMAGES_PER_STUDY = 3  # frontal + lateral + one prior: keeps the prompt within a CPU budget
 MAX_RECORD_CHARS = 8000  # about 2k tokens: the prefill stays within seconds on a CPU
 READING_LEVELS = ("simple (about age 10)", "general (about age 14)", "detailed (adult)")
 TRIAGE_STOPS = ("\nPerson:", "\nNurse:")
+MAX_CONTEXT_CHARS = 1200  # similar prior reports in a draft prompt: about 300 tokens of CPU prefill
+MAX_CONTEXT_REPORT_CHARS = 600  # one long report must not crowd out the others
 
 
 class Assistant:
@@ -39,17 +48,19 @@ class Assistant:
         """A de-identified Scan from a DICOM/PNG/JPEG file (raises dicom.ScanError on bad input)."""
         return read_scan(path, self.config.dicom)
 
-    def draft_report(self, scans: Sequence[Scan], indication: str = "", text_only: bool = False) -> Iterator[str]:
+    def draft_report(self, scans: Sequence[Scan], indication: str = "", text_only: bool = False,
+                     similar: Sequence[SimilarCase] = ()) -> Iterator[str]:
         """Stream the labelled draft report; each item is the whole draft so far.
 
         `text_only` drafts from the indication alone (the prompt says no image is available): used to
         evaluate on report datasets that carry no images, never silently when images are missing.
+        `similar` puts those prior cases' reports before the prompt (retrieval-augmented drafting).
         """
         if not scans and not text_only:
             raise ValueError("a draft report needs at least one image")
         if len(scans) > MAX_IMAGES_PER_STUDY:
             raise ValueError(f"at most {MAX_IMAGES_PER_STUDY} images per study (got {len(scans)})")
-        prompt = report_prompt(scans, indication)
+        prompt = report_prompt(scans, indication, similar)
         inputs = self.vlm.build_inputs(prompt, [scan.pixels for scan in scans])
         continuation = ""
         yield label_draft(parse_continuation(continuation).to_text(partial=True))
@@ -57,6 +68,57 @@ class Assistant:
             continuation += piece
             yield label_draft(parse_continuation(continuation).to_text(partial=True))
         yield label_draft(parse_continuation(continuation).to_text())
+
+    # ---- what the vision encoder says about an image (shown beside the draft) ----------------
+    @cached_property
+    def vision(self) -> VisionEncoder | None:
+        """The finding encoder, built on first use (never in the constructor): see finding_encoder."""
+        return finding_encoder(self.vlm)
+
+    def findings(self, scan: Scan) -> list[tuple[str, float]]:
+        """(finding, probability) for one image, most probable first; [] without a trained head."""
+        if self.vision is None:
+            return []
+        probs = self.vision.encode(self._pixel_values([scan])).finding_probs[0].tolist()
+        return sorted(zip(self.vision.findings, probs), key=lambda item: -item[1])
+
+    def heatmap(self, scan: Scan, finding: str) -> np.ndarray:
+        """(H, W) in [0, 1]: where the encoder looked for `finding` on the image as read."""
+        if self.vision is None:
+            raise ValueError("this vision model has no trained finding head, so there is no heatmap")
+        return heatmap(self.vision, scan.pixels, finding)
+
+    def study_vector(self, scans: Sequence[Scan]) -> np.ndarray | None:
+        """One unit vector for the study (mean of its images' pooled vectors, renormalised: the same
+        pooling `index add --from-folder` uses), to search image-indexed prior cases."""
+        if self.vision is None or not scans:
+            return None
+        mean = self.vision.encode(self._pixel_values(scans)).pooled.mean(dim=0).numpy()
+        return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+    def check_draft(self, scans: Sequence[Scan], draft: str) -> GuardResult | None:
+        """The draft's findings against the study's finding probabilities (assistant.guard: the
+        largest probability over the study's images, `config.guard` thresholds, the classifier's
+        held-out AUROC); None without a trained finding head to check with."""
+        if self.vision is None or not scans:
+            return None
+        probs = self.vision.encode(self._pixel_values(scans)).finding_probs.float()  # (N, F)
+        per_image = [dict(zip(self.vision.findings, row.tolist())) for row in probs]
+        return check_draft(draft, merge_probs(per_image), self.config.guard, self._classifier_auroc)
+
+    @cached_property
+    def _classifier_auroc(self) -> dict[str, float | None] | None:
+        folder = resolve_weights(self.config.vision)
+        return (classifier_auroc(folder) or None) if folder is not None else None
+
+    def needs_pixel_review(self, path: str | Path) -> bool:
+        """Whether a DICOM file's pixels may carry burned-in patient text (assistant.deid flags it,
+        never removes it), so a person must look before the images are shared."""
+        return read_deidentified(path, self.config.dicom).needs_pixel_review
+
+    def _pixel_values(self, scans: Sequence[Scan]):
+        tower = self.vision.tower.config
+        return to_pixel_values([scan.pixels for scan in scans], tower.image_size, tower.num_channels)
 
 
     def triage(self, history: Sequence[dict], message: str) -> Iterator[str]:
@@ -113,15 +175,49 @@ class Assistant:
             yield trim_at_stop(text, stop)
 
 
+def red_flag_text(mode: str, history: Sequence[dict], message: str) -> str:
+    """The user text a mode checks for red flags, exactly as its answers do: every user turn in
+    triage, the question in education; '' for summaries (a pasted record is not the user's own
+    account; its summary is still guarded). Rules only, no model: a UI shows the banner from it
+    (`safety.escalation_message(find_red_flags(...))`) before any generation is queued."""
+    if mode == "triage":
+        return user_turns(history, (message or "").strip())
+    if mode == "educate":
+        return clean_user_text(message)
+    return ""
+
+
 def _citations(passages: Sequence[tuple[str, str]]) -> str:
     if not passages:
         return "Sources: no trusted source was found for this question; ask a clinician."
     return "Sources:\n" + "\n".join(f"[{i}] {url}" for i, (_, url) in enumerate(passages, start=1))
 
 
-def report_prompt(scans: Sequence[Scan], indication: str = "") -> str:
-    views = ", ".join(_view_name(scan) for scan in scans) or "views not available"
-    return render(
+def finding_encoder(vlm: ClinicalVLM) -> VisionEncoder | None:
+    """The finding head on the VLM's own vision tower, or None when no trained head fits the tower.
+
+    Sharing the tower keeps one copy in memory, and the probabilities then describe the very
+    features the LLM is given. An adapter that brings its own tower weights breaks the pairing the
+    head was trained and evaluated with, so then the shipped tower and head load on their own (6 MB).
+    """
+    folder = resolve_weights(vlm.config.vision)
+    if folder is None or not (folder / HEAD_FILE).is_file():
+        return None
+    adapter = resolve_adapter(vlm.config)
+    if adapter is not None and (adapter / VISION_FILE).is_file():
+        return load_vision_encoder(vlm.config.vision)
+    from safetensors.torch import load_file
+
+    base = vlm.hf.get_base_model() if hasattr(vlm.hf, "get_base_model") else vlm.hf  # under peft's wrapper
+    tower = base.model.vision_tower
+    encoder = VisionEncoder(tower)
+    encoder.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    return encoder.to(next(tower.parameters()).dtype).eval()
+
+
+def report_prompt(scans: Sequence[Scan], indication: str = "", similar: Sequence[SimilarCase] = ()) -> str:
+    views = ", ".join(view_name(scan) for scan in scans) or "views not available"
+    return similar_context(similar) + render(
         "draft_report",
         # PHI is masked before the text can reach a prompt (and through it any log or server).
         indication=sanitise_field(mask_phi(indication or "")) or "not given",
@@ -130,7 +226,21 @@ def report_prompt(scans: Sequence[Scan], indication: str = "") -> str:
     )
 
 
-def _view_name(scan: Scan) -> str:
+def similar_context(cases: Sequence[SimilarCase], max_chars: int = MAX_CONTEXT_CHARS) -> str:
+    """The prior reports as a prompt preamble ('' for none). Index text is masked at indexing, and
+    masked and sanitised again here: a report from a user's folder is untrusted text, so it can
+    carry neither identifiers nor control tokens or image markers into the prompt."""
+    lines, used = [], 0
+    for rank, case in enumerate(cases, start=1):
+        line = f"[{rank}] {sanitise_field(mask_phi(case.report), MAX_CONTEXT_REPORT_CHARS)}"
+        if used + len(line) > max_chars:
+            break
+        lines.append(line)
+        used += len(line) + 1
+    return render("draft_context", reports="\n".join(lines)) if lines else ""
+
+
+def view_name(scan: Scan) -> str:
     view = (scan.view_position or "").upper()
     if view in {"PA", "AP"}:
         return f"{view} view"

@@ -51,7 +51,10 @@ def _grad_cam(encoder: VisionEncoder, pixel_values: torch.Tensor, index: int) ->
     encoder.eval()
     try:
         with torch.enable_grad(), _eager_attention(encoder.tower):
-            out = encoder.tower(pixel_values=pixel_values.to(encoder.head.weight.dtype), output_attentions=True)
+            # The input asks for gradients, so the graph exists even when every parameter is frozen
+            # (peft freezes the whole model it wraps, the shared vision tower included).
+            pixel_values = pixel_values.to(encoder.head.weight.dtype).detach().requires_grad_(True)
+            out = encoder.tower(pixel_values=pixel_values, output_attentions=True)
             tokens = out.last_hidden_state  # (1, N, D)
             logit = encoder.head(tokens.mean(dim=1))[0, index]
             (grads,) = torch.autograd.grad(logit, tokens)  # parameters get no .grad

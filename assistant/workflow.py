@@ -36,10 +36,16 @@ class Workflow:
         self.model_name = model_name
 
     # ---- report drafting ---------------------------------------------------------------------
-    def record_draft(self, user: str, scans: Sequence[Scan], text: str) -> int:
-        """Save a finished draft (masked) with the study's pseudonymised key; returns its id."""
+    def record_draft(self, user: str, scans: Sequence[Scan], text: str, image_check: dict | None = None) -> int:
+        """Save a finished draft (masked) with the study's pseudonymised key; returns its id.
+
+        `image_check` (`guard.flag_summary`: flag kinds, findings, probabilities) is kept in the
+        draft's metadata, so accepted versions carry it too.
+        """
         study_key = next((scan.study_key for scan in scans if scan.study_key), None)
         metadata = draft_metadata(scans, model=self.model_name)
+        if image_check is not None:
+            metadata["image_check"] = image_check
         return self.store.save_draft(None, user, mask_phi(text), study_key=study_key, metadata=metadata)
 
     def accept(self, user: str, draft_id: int, final_text: str) -> AcceptedReport:

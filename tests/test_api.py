@@ -49,15 +49,25 @@ def test_text_modes(client, endpoint, args):
     assert message_text(history[-1]["content"]).startswith(DRAFT_LABEL) and status.startswith("✅")
 
 
+def test_triage_api_still_returns_the_escalation(client):
+    history, box, status = client[0].predict(None, "crushing chest pain radiating to my left arm and sweating",
+                                             api_name="/triage")
+    answer = message_text(history[-1]["content"])
+    assert answer.startswith("🚨 EMERGENCY") and answer.count("🚨 EMERGENCY") == 1 and DRAFT_LABEL in answer
+    assert len(history) == 2 and status.startswith("✅")
+
+
 def test_draft_accept_export_history(client):
     from gradio_client import handle_file
 
     api, folder = client
     png = folder / "cxr.png"
     Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(png)
-    job = api.submit([handle_file(str(png))], "cough", None, api_name="/draft_report")
-    gallery, chat, status, files = job.result()
+    job = api.submit([handle_file(str(png))], "cough", False, None, api_name="/draft_report")
+    chat, status, files, cases_note, cases_table, image_check, pixel_note = job.result()
     assert message_text(chat[-1]["content"]).startswith(DRAFT_LABEL) and status.startswith("✅")
+    assert image_check.startswith("Image check") and pixel_note == ""  # a PNG has no burned-in flag
+    assert "run `python -m assistant prepare`" in cases_note  # this app was built without a case index
     # accept/export act on the browser session's draft (session state is not part of the API, so
     # one API call cannot accept another's draft): through the API they refuse with a clear message.
     status = api.predict("text", api_name="/accept_report")

@@ -1,4 +1,5 @@
-"""The real app in headless Chromium: upload a chest DICOM, watch a draft appear.
+"""The real app in headless Chromium: upload a chest DICOM, window it, see the findings and a
+heatmap, watch a draft appear beside similar prior cases, ask an education question with sources.
 
 Uses Debian's Chromium (/usr/bin/chromium) through Playwright; never a downloaded browser.
 Screenshots are kept under test-artifacts/ for review.
@@ -48,7 +49,7 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
 USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 
 
-def start_app(cache, folder) -> tuple[subprocess.Popen, str]:
+def start_app(cache, folder, extra=()) -> tuple[subprocess.Popen, str]:
     """The real app with sign-in (two users), a data folder and short drafts; returns (process, url)."""
     from assistant.auth import add_user
 
@@ -58,7 +59,7 @@ def start_app(cache, folder) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "ASSISTANT_CACHE_DIR": str(cache), "GRADIO_TEMP_DIR": str(folder / "uploads")}
     command = [sys.executable, "app.py", "--port", str(port), "--max-new-tokens", "16",
-               "--users", str(folder / "users.json"), "--data-dir", str(folder / "data")]
+               "--users", str(folder / "users.json"), "--data-dir", str(folder / "data"), *extra]
     with (folder / "app.log").open("a") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -71,8 +72,24 @@ def start_app(cache, folder) -> tuple[subprocess.Popen, str]:
 
 
 @pytest.fixture(scope="module")
-def served_app(llm_cache, tmp_path_factory):
-    process, url = start_app(llm_cache["cache"], tmp_path_factory.mktemp("app"))
+def indexes(tmp_path_factory):
+    """A tiny similar-case index (40 IU training reports) and passage index (MedQuAD's asthma
+    answers), embedded with the real MiniLM the app queries with: seconds, not prepare's minutes."""
+    from assistant.app_retrieval import CASE_INDEX, PASSAGE_INDEX, build_case_index, build_passage_index
+    from assistant.cli_index import text_embedder
+    from assistant.config import AssistantConfig
+    from assistant.retrieval_passages import load_medquad
+
+    folder = tmp_path_factory.mktemp("indexes")
+    embedding = text_embedder(AssistantConfig())
+    build_case_index(folder / CASE_INDEX, embedding, limit=40)
+    build_passage_index(folder / PASSAGE_INDEX, embedding, [r for r in load_medquad() if r.get("focus") == "Asthma"])
+    return ["--index", str(folder / CASE_INDEX), "--passages", str(folder / PASSAGE_INDEX)]
+
+
+@pytest.fixture(scope="module")
+def served_app(llm_cache, indexes, tmp_path_factory):
+    process, url = start_app(llm_cache["cache"], tmp_path_factory.mktemp("app"), indexes)
     yield url
     process.terminate()
     process.wait(timeout=30)
@@ -167,11 +184,66 @@ def test_upload_a_dicom_and_a_draft_appears(page):
     screenshot(page, "accepted_and_exported")
 
 
+IMAGE_STATS = """(sel) => {
+    const img = document.querySelector(sel);
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const ctx = canvas.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    const d = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    let brightness = 0, colour = 0;
+    for (let i = 0; i < d.length; i += 4) { brightness += d[i + 1]; colour += Math.abs(d[i] - d[i + 2]); }
+    const n = d.length / 4;
+    return {src: img.src, brightness: brightness / n, colour: colour / n};
+}"""
+
+
+def shown_image(page, previous: str | None = None) -> dict:
+    """Mean brightness and colourfulness of the viewer's image (after it changed from `previous`)."""
+    page.wait_for_function("(old) => { const img = document.querySelector('#viewer img');"
+                           " return img && img.complete && img.naturalWidth > 0 && img.src !== old; }",
+                           arg=previous, timeout=30_000)
+    return page.evaluate(IMAGE_STATS, "#viewer img")
+
+
+def test_viewer_windows_findings_and_heatmap(page):
+    upload(page, CHEST_DICOM)
+    page.wait_for_selector("#status :text('ready')", timeout=60_000)
+    own = shown_image(page)
+    wait_for_text(page, "#findings-table", "Effusion")
+    assert "not a diagnosis" in page.locator("#findings-caption").inner_text()
+    assert "held-out AUROC" in page.locator("#findings-table").inner_text()
+
+    page.locator("#viewer-window").get_by_label("lung").check()
+    lung = shown_image(page, own["src"])
+    assert abs(lung["brightness"] - own["brightness"]) > 5  # the lung window really re-windowed the pixels
+    wait_for_text(page, "#viewer-window-note", "Window: lung")
+
+    page.locator("#viewer-heatmap input").click()
+    page.get_by_role("option", name="Effusion").click()
+    heat = shown_image(page, lung["src"])
+    assert heat["colour"] > 2 and lung["colour"] < 0.5  # the overlay adds colour to a gray film
+    wait_for_text(page, "#viewer-window-note", "Heatmap: Effusion")
+    page.wait_for_timeout(500)  # let the viewer's loading overlay fade before the screenshot
+    screenshot(page, "viewer_heatmap")
+
+
+def test_similar_cases_go_into_the_draft_and_beside_it(page):
+    upload(page, CHEST_DICOM)
+    page.wait_for_selector("#status :text('ready')", timeout=60_000)
+    page.locator("#use-cases input[type=checkbox]").check()
+    page.fill("#indication textarea", "The heart is normal in size. The lungs are clear. No pleural effusion.")
+    page.click("#draft-button")
+    wait_for_text(page, "#similar-note", "similar prior case(s)", timeout=60_000)
+    assert "iu-" in page.locator("#similar-cases").inner_text()  # IU training cases with their reports
+    page.wait_for_selector("#status :text('Draft complete')", timeout=120_000)
+    screenshot(page, "similar_cases")
+
+
 def test_a_non_dicom_upload_shows_a_clear_error(page, tmp_path):
     bogus = tmp_path / "notes.dcm"
     bogus.write_text("not a dicom file at all")
-    upload(page, bogus)
-    page.click("#draft-button")
+    upload(page, bogus)  # read (and refused) as soon as it is uploaded
     page.wait_for_selector("#status :text('could not be used')", timeout=30_000)
     assert "Traceback" not in page.content()
     screenshot(page, "non_dicom_error")
@@ -180,7 +252,7 @@ def test_a_non_dicom_upload_shows_a_clear_error(page, tmp_path):
 @pytest.mark.parametrize("mode,tab,text,expect", [
     ("triage", "Triage", "crushing chest pain spreading to my left arm and I am sweating", "EMERGENCY"),
     ("summarize", "EHR summary", "Type 2 diabetes.\nMedications: metformin 500 mg twice daily.", "Source check"),
-    ("educate", "Patient education", "What is asthma?", "Sources"),
+    ("educate", "Patient education", "What is asthma?", "nih.gov"),  # a cited MedQuAD source URL
 ])
 def test_each_text_mode_answers_in_the_browser(page, mode, tab, text, expect):
     from assistant.safety import DRAFT_LABEL
@@ -237,3 +309,22 @@ def test_sigkill_of_the_server_loses_no_accepted_report(llm_cache, browser, tmp_
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_triage_escalates_at_once_and_a_draft_gets_an_image_check(page):
+    page.get_by_role("tab", name="Triage").click()
+    page.fill("#triage-message textarea", "crushing chest pain radiating to my left arm and sweating")
+    page.click("#triage-send")
+    # The banner comes from an unqueued, rules-only step: it is on screen before the model answers.
+    wait_for_text(page, "#triage-chat", "🚨 EMERGENCY", timeout=10_000)
+    page.wait_for_selector("#triage-status :text('Done')", timeout=120_000)
+    answer = page.locator("#triage-chat").inner_text()
+    assert answer.count("🚨 EMERGENCY") == 1 and "emergency" in answer.lower()
+    screenshot(page, "triage_emergency")
+
+    page.get_by_role("tab", name="Draft report").click()
+    upload(page, CHEST_DICOM)
+    page.click("#draft-button")
+    page.wait_for_selector("#status :text('Draft complete')", timeout=120_000)
+    wait_for_text(page, "#image-check", "Image check")
+    screenshot(page, "draft_image_check")
