@@ -260,12 +260,13 @@ def write_result(result: dict, out: Path) -> None:
     predictions = result.get("predictions")
     if predictions is not None:
         side = out.with_suffix(".predictions.jsonl")
-        _write_atomic(side, "".join(json.dumps(p) + "\n" for p in predictions))
+        write_atomic(side, "".join(json.dumps(p) + "\n" for p in predictions))
         result = {**{k: v for k, v in result.items() if k != "predictions"}, "predictions_file": _relative(side)}
-    _write_atomic(out, json.dumps(result, indent=2) + "\n")
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so an interrupted run never leaves half a result."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from assistant.config import AssistantConfig  # noqa: E402
+from assistant.evaluate import write_atomic  # noqa: E402
 from assistant.pipeline import Assistant, report_prompt  # noqa: E402
 
 DICOM = ROOT.parent / "shared" / "data" / "dicom" / "pylibjpeg-data" / "JPEG2000Lossless" / "966_fixed.dcm"
@@ -231,12 +232,6 @@ def run(args: argparse.Namespace) -> dict:
     result["loadavg_after"] = list(os.getloadavg())
     result["elapsed_s"] = time.perf_counter() - start
     return result
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

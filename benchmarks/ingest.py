@@ -33,6 +33,7 @@ import pydicom  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
 from assistant.dicom import read_dicom  # noqa: E402
+from assistant.evaluate import write_atomic  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "dicom"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -115,12 +116,6 @@ def markdown(results: list[dict], env: dict) -> str:
             f"{r['median_s'] * 1000:.0f} | {r['megapixels_per_s']:.1f} | "
             f"{r['peak_python_heap_mb']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
