@@ -24,11 +24,14 @@ demo: prepare
 	$(PY) app.py --port $(PORT)
 
 # Browser tests drive Debian's Chromium (never a downloaded browser build); dciodvfy (dicom3tools)
-# validates exported DICOM SR.
+# validates exported DICOM SR; Orthanc with its DICOMweb plugin is the test PACS (tests/test_pacs.py).
+ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 browser-deps:
-	@command -v chromium >/dev/null 2>&1 && command -v dciodvfy >/dev/null 2>&1 || { \
-	  echo "installing Debian chromium and dicom3tools for the tests"; \
-	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium dicom3tools >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 && command -v dciodvfy >/dev/null 2>&1 \
+	  && command -v Orthanc >/dev/null 2>&1 && test -e $(ORTHANC_DICOMWEB) || { \
+	  echo "installing Debian chromium, dicom3tools and orthanc(-dicomweb) for the tests"; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium dicom3tools \
+	    orthanc orthanc-dicomweb >/dev/null; }
 
 test: setup browser-deps
 	$(PY) -m pytest -q

@@ -45,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_groups():
-    from . import cli_evaluate, cli_index, cli_train, cli_users, cli_vision
+    from . import cli_evaluate, cli_index, cli_pacs, cli_serve, cli_train, cli_users, cli_vision
 
     return [cli_vision.add_commands, cli_index.add_commands, cli_users.add_commands, cli_evaluate.add_commands,
-            cli_train.add_commands]
+            cli_train.add_commands, cli_pacs.add_commands, cli_serve.add_commands]
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -58,15 +58,25 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="AssistantConfig JSON file to start from")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set llm.lora_r=8 (JSON values)")
+    # Text generation on an OpenAI-compatible server. Not `--backend`: `index build` uses that name.
+    parser.add_argument("--llm-backend", choices=("local", "openai"), default=None,
+                        help="where text-only generation runs (default: local); image drafts always run locally")
+    parser.add_argument("--base-url", default=None, help="the server's API root, e.g. http://127.0.0.1:8080/v1")
+    parser.add_argument("--served-model", default=None, help="model name on the server (default: its only model)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+_OPTION_FIELDS = (("llm", "llm.path"), ("embedder", "embedder"), ("adapter", "adapter"),
+                  ("llm_backend", "backend.kind"), ("base_url", "backend.base_url"),
+                  ("served_model", "backend.model"))
 
 
 def config_from_args(args: argparse.Namespace) -> AssistantConfig:
     config = AssistantConfig.from_json(args.config) if args.config else AssistantConfig()
     overrides = dict(_parse_assignment(item) for item in args.set)
-    for name, value in (("llm.path", args.llm), ("embedder", args.embedder), ("adapter", args.adapter)):
-        if value is not None:
-            overrides[name] = value
+    for option, name in _OPTION_FIELDS:
+        if getattr(args, option, None) is not None:
+            overrides[name] = getattr(args, option)
     if getattr(args, "max_new_tokens", None) is not None:
         overrides["generation.max_new_tokens"] = args.max_new_tokens
     return config.override(overrides)
@@ -136,11 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def user_message(err: BaseException) -> str:
     """One line for users. Our own errors already say what to do; others get their type named."""
+    from .backend import BackendError
     from .base_models import ModelPathError
 
     raw = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # KeyError's str() adds quotes
     text = (str(raw).strip().splitlines() or [""])[0]
-    known = (ModelPathError, ValueError, KeyError, FileNotFoundError)
+    known = (ModelPathError, ValueError, KeyError, FileNotFoundError, BackendError)
     if isinstance(err, known) and text:
         return text
     return f"unexpected {type(err).__name__}: {text} (rerun with --debug for details)"

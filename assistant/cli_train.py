@@ -79,6 +79,10 @@ def run_train(args: argparse.Namespace) -> int:
     config, settings = configs_from_args(args)
     work = args.work_dir or str(repo_root() / ".cache" / "train" / Path(args.out).name)
     metadata = run_training(config, settings, args.out, work, resume=args.resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0  # under `accelerate launch` the main process alone writes the adapter folder
     payload = {"settings": dataclasses.asdict(settings), "assistant": config.to_dict()}
     (Path(args.out) / TRAIN_CONFIG).write_text(json.dumps(payload, indent=2) + "\n")
     metadata["commands"]["train"] = current_command()

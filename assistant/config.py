@@ -120,6 +120,40 @@ class AppConfig:
 
 
 @dataclass(frozen=True)
+class BackendConfig:
+    """Where text-only generation runs (triage, summaries, education, text-only drafts).
+
+    "local" runs the in-process model; "openai" sends the (already PHI-masked) prompt to an
+    OpenAI-compatible completions server (vLLM, llama.cpp's server, TGI). Drafts from images always
+    run on the local model: no server here takes our image tokens.
+    """
+
+    kind: Literal["local", "openai"] = "local"
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""  # the name the server serves; "" asks the server (GET /models) for its only model
+    timeout_s: float = 60.0  # per connect and per streamed read, so a long answer is not cut off
+    max_retries: int = 2  # connection errors, 429 and 5xx, before the first token only
+
+
+@dataclass(frozen=True)
+class TaskAdapterConfig:
+    """The LoRA adapter each text task switches to on the one loaded base model (peft named adapters).
+
+    Report drafting uses `AssistantConfig.adapter`. None: that task runs on the base LLM with LoRA
+    switched off (triage has no training data of its own, and a report-trained LoRA turns every
+    answer into a radiology report). With `adapter` None (the untrained base) none are loaded. The
+    shipped defaults belong to the built-in LLM and are skipped for another one, like `adapter`.
+    Chosen by measurement (benchmarks/results/eval-summary.json, eval-educate*.json): summary-lora
+    names only facts of the record; the shipped educate-lora scored below the base model on
+    held-out MedQuAD (ROUGE-L 0.121 vs 0.134, 27 vs 79 words), so education runs on the base.
+    """
+
+    summary: str | None = "adapters/summary-lora"
+    educate: str | None = None  # adapters/educate-lora: measured worse than the base (see above)
+    triage: str | None = None
+
+
+@dataclass(frozen=True)
 class AssistantConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -128,11 +162,13 @@ class AssistantConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     app: AppConfig = field(default_factory=AppConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     embedder: str = DEFAULT_EMBEDDER
     # A trained adapter folder (peft LoRA + projector + vision tower). The default is the one shipped
     # in the repository (a relative path falls back to the repository root); it belongs to the
     # built-in LLM and vision tower and is skipped for other models. None: the untrained base model.
     adapter: str | None = DEFAULT_ADAPTER
+    task_adapters: TaskAdapterConfig = field(default_factory=TaskAdapterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import TextBackend, text_backend
 from .config import AssistantConfig
 from .dialogue import clean_user_text, render_history, trim_at_stop, user_turns
 from .dicom import Scan, read_deidentified, read_scan
@@ -36,9 +37,11 @@ MAX_CONTEXT_REPORT_CHARS = 600  # one long report must not crowd out the others
 
 
 class Assistant:
-    def __init__(self, vlm: ClinicalVLM):
+    def __init__(self, vlm: ClinicalVLM, backend: TextBackend | None = None):
         self.vlm = vlm
         self.config: AssistantConfig = vlm.config
+        # Text-only generation: the local model, or an OpenAI-compatible server (config.backend).
+        self.backend = backend or text_backend(self.config, vlm)
 
     @classmethod
     def from_config(cls, config: AssistantConfig | None = None, progress: bool = True) -> "Assistant":
@@ -55,16 +58,21 @@ class Assistant:
         `text_only` drafts from the indication alone (the prompt says no image is available): used to
         evaluate on report datasets that carry no images, never silently when images are missing.
         `similar` puts those prior cases' reports before the prompt (retrieval-augmented drafting).
+        Drafts from images always run on the local VLM (a completions server takes no image
+        tokens); text-only drafts run on the text backend (`config.backend`), like the chat modes.
         """
         if not scans and not text_only:
             raise ValueError("a draft report needs at least one image")
         if len(scans) > MAX_IMAGES_PER_STUDY:
             raise ValueError(f"at most {MAX_IMAGES_PER_STUDY} images per study (got {len(scans)})")
         prompt = report_prompt(scans, indication, similar)
-        inputs = self.vlm.build_inputs(prompt, [scan.pixels for scan in scans])
+        if scans:
+            pieces = self.vlm.stream(self.vlm.build_inputs(prompt, [scan.pixels for scan in scans]))
+        else:
+            pieces = self.backend.stream(prompt, task="report")
         continuation = ""
         yield label_draft(parse_continuation(continuation).to_text(partial=True))
-        for piece in self.vlm.stream(inputs):
+        for piece in pieces:
             continuation += piece
             yield label_draft(parse_continuation(continuation).to_text(partial=True))
         yield label_draft(parse_continuation(continuation).to_text())
@@ -133,7 +141,7 @@ class Assistant:
         prompt = render("triage", history=render_history(history, "Person", "Nurse"),
                         message=clean_user_text(message))
         text = ""
-        for text in self._continue(prompt, TRIAGE_STOPS):
+        for text in self._continue(prompt, TRIAGE_STOPS, "triage"):
             yield guard_answer(said, label_draft(text))
         yield guard_answer(said, label_draft(with_urgency(text, flags)))
 
@@ -146,7 +154,7 @@ class Assistant:
         if not record:
             raise ValueError("paste a note or upload a record first")
         text = ""
-        for text in self._continue(render("summarize", record=record), ("\nClinical record:",)):
+        for text in self._continue(render("summarize", record=record), ("\nClinical record:",), "summary"):
             yield guard_answer("", label_draft("Problems:\n" + text))
         yield guard_answer("", label_draft(annotate("Problems:\n" + text, record)))
 
@@ -163,14 +171,15 @@ class Assistant:
                         sources=sources or "(none found)")
         citations = _citations(passages)
         text = ""
-        for text in self._continue(prompt, ("\nA patient asked:",)):
+        for text in self._continue(prompt, ("\nA patient asked:",), "educate"):
             yield guard_answer(question, label_draft(text))
         yield guard_answer(question, label_draft(f"{text}\n\n{citations}"))
 
-    def _continue(self, prompt: str, stop: tuple[str, ...]) -> Iterator[str]:
-        """The model's continuation of a text prompt, cumulative and trimmed at the stop strings."""
+    def _continue(self, prompt: str, stop: tuple[str, ...], task: str) -> Iterator[str]:
+        """The text backend's continuation of a (PHI-masked) prompt with `task`'s adapter, cumulative
+        and trimmed at the stop strings (a server may already have cut them; the local model leaves them in)."""
         text = ""
-        for piece in self.vlm.stream(self.vlm.build_inputs(prompt), stop=stop):
+        for piece in self.backend.stream(prompt, stop, task=task):
             text += piece
             yield trim_at_stop(text, stop)
 

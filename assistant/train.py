@@ -232,6 +232,9 @@ def run_training(config: AssistantConfig, settings: LLMTrainSettings, out: str, 
     # The tower is frozen in both stages: when it came from a weights folder (the shipped
     # vision-nih14) the adapter points there instead of carrying a copy, so the finding head stays
     # paired with the very tower it was trained on.
-    vlm.save_adapter(out, metadata, vision=resolve_weights(config.vision) is None)
-    write_card(out, metadata)
+    state = PartialState()
+    if state.is_main_process:  # one writer: under DDP every process holds the same trained weights
+        vlm.save_adapter(out, metadata, vision=resolve_weights(config.vision) is None)
+        write_card(out, metadata)
+    state.wait_for_everyone()
     return metadata

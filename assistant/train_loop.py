@@ -107,13 +107,16 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torc
           eval_fn: Callable[[torch.nn.Module], dict[str, Any]] | None = None) -> TrainResult:
     """Train `model` in place; returns losses, per-epoch evals and timing (also saved as JSON)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
     set_seed(config.seed)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.grad_accum,
         mixed_precision=resolve_precision(config.mixed_precision),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Under DDP (several processes) a batch may leave trainable parameters unused, e.g. the
+        # projector in a text-only batch; without this DDP stops at the next step. No-op otherwise.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,31 @@ def test_streaming_generation_yields_text(tiny_vlm):
     assert all(isinstance(piece, str) for piece in pieces)
 
 
+def test_batched_generation_matches_one_prompt_at_a_time(tiny_vlm):
+    from assistant.config import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=6, repetition_penalty=1.1)
+    prompts = ["chest pain", "a much longer indication : cough and fever for three days", "x"]
+    singles = ["".join(tiny_vlm.stream(tiny_vlm.build_inputs(p), gen)) for p in prompts]
+    assert tiny_vlm.generate_batch(prompts, gen) == singles  # left padding changes nothing
+
+
+def test_scoring_a_strided_batch_never_copies_the_output_matrix(tiny_vlm):
+    """generate() passes hidden[:, -1:, :]; with a frozen weight (as served) torch's matmul then
+    expands the vocabulary x hidden weight per batch row and copies it for bmm: 20 s per decoding
+    step for 8 rows of the real model. The contiguity hook keeps it one plain matrix multiply."""
+    from torch.profiler import profile
+
+    lm_head = tiny_vlm.hf.lm_head
+    lm_head.weight.requires_grad_(False)
+    hidden = torch.randn(4, 3, lm_head.in_features, dtype=lm_head.weight.dtype)[:, -1:, :]
+    assert not hidden.is_contiguous()
+    with profile() as prof:
+        logits = lm_head(hidden)
+    assert "aten::bmm" not in {event.key for event in prof.key_averages()}
+    assert torch.equal(logits, torch.nn.functional.linear(hidden.contiguous(), lm_head.weight))
+
+
 def test_generation_failure_reaches_the_consumer(tiny_vlm, monkeypatch):
     def broken_generate(**kwargs):
         raise RuntimeError("boom")
@@ -138,3 +163,64 @@ def test_loading_a_non_adapter_folder_is_a_clear_error(tiny_vlm, tmp_path):
 
     with pytest.raises(ModelPathError, match="not an adapter folder"):
         tiny_vlm.load_adapter(tmp_path)
+
+
+def _trained_adapter(folder, seed: int):
+    """A tiny LoRA adapter with non-zero (so output-changing) weights, saved to `folder`."""
+    torch.manual_seed(seed)
+    vlm = ClinicalVLM.from_parts(tiny_language_model(), tiny_tokenizer(), tiny_config())
+    vlm.attach_lora()
+    with torch.no_grad():
+        for name, param in vlm.hf.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    return vlm.save_adapter(folder)
+
+
+def _logits(vlm, task: str, inputs):
+    with vlm.adapter_for(task), torch.no_grad():
+        return vlm.hf(**inputs).logits
+
+
+def test_each_task_generates_with_its_own_adapter(tmp_path):
+    report, summary = _trained_adapter(tmp_path / "report", 1), _trained_adapter(tmp_path / "summary", 2)
+
+    def fresh(*folders):
+        torch.manual_seed(0)
+        vlm = ClinicalVLM.from_parts(tiny_language_model(), tiny_tokenizer(), tiny_config())
+        for folder in folders:
+            vlm.load_adapter(folder)
+        return vlm
+
+    inputs = fresh().build_inputs("patient record : cough")
+    with torch.no_grad():
+        base, only_report, only_summary = (v.hf(**inputs).logits for v in (fresh(), fresh(report), fresh(summary)))
+    both = fresh(report)
+    both.load_task_adapters({"summary": summary, "triage": None})
+    torch.testing.assert_close(_logits(both, "summary", inputs), only_summary)
+    torch.testing.assert_close(_logits(both, "triage", inputs), base)  # None: LoRA off
+    torch.testing.assert_close(_logits(both, "report", inputs), only_report)
+    torch.testing.assert_close(_logits(both, "educate", inputs), only_report)  # not configured: the report one
+    pieces = list(both.stream(inputs, task="summary"))  # generation goes through the same switch
+    assert all(isinstance(piece, str) for piece in pieces)
+
+
+def test_task_adapters_follow_the_report_adapter_and_the_built_in_model(tmp_path):
+    from assistant.base_models import ModelPathError
+    from assistant.config import AssistantConfig
+    from assistant.model import resolve_task_adapters
+
+    shipped = resolve_task_adapters(AssistantConfig())
+    assert shipped["summary"].name == "summary-lora" and shipped["summary"].is_dir()
+    assert shipped["triage"] is None and shipped["educate"] is None  # measured: the base does better
+    chosen = AssistantConfig().override({"task_adapters.educate": "adapters/educate-lora"})
+    assert resolve_task_adapters(chosen)["educate"].name == "educate-lora"
+    assert resolve_task_adapters(AssistantConfig(adapter=None)) == {}  # the base model for every task
+    assert resolve_task_adapters(AssistantConfig().override({"task_adapters.summary": None}))["summary"] is None
+    other_llm = AssistantConfig().override({"llm.path": str(tmp_path), "adapter": str(tmp_path)})
+    assert resolve_task_adapters(other_llm)["summary"] is None  # shipped LoRA would not fit another LLM
+    vlm = ClinicalVLM.from_parts(tiny_language_model(), tiny_tokenizer(), tiny_config())
+    with pytest.raises(ModelPathError, match="holds no LoRA"):
+        vlm.load_task_adapters({"summary": tmp_path})
+    vlm.load_task_adapters({"summary": None})  # a projector-only adapter and no task LoRA: nothing to switch
+    assert list(vlm.stream(vlm.build_inputs("cough"), task="summary")) is not None

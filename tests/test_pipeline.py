@@ -277,3 +277,24 @@ def test_red_flag_text_is_what_each_mode_checks():
     assert find_red_flags(red_flag_text("triage", earlier, "about an hour ago"))  # earlier turns count
     assert not find_red_flags(red_flag_text("educate", earlier, "about an hour ago"))  # the question only
     assert red_flag_text("summarize", [], message) == ""  # a pasted record: its summary is guarded instead
+
+
+class RecordingBackend:
+    """A text backend that answers with a fixed line and records which task asked."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def stream(self, prompt, stop=(), task="report"):
+        self.tasks.append(task)
+        yield "Lungs clear."
+
+
+def test_each_mode_asks_for_its_own_task_adapter(tiny_vlm):
+    backend = RecordingBackend()
+    assistant = Assistant(tiny_vlm, backend=backend)
+    list(assistant.triage([], "sore throat"))
+    list(assistant.summarize("Problems: asthma."))
+    list(assistant.educate("What is asthma?"))
+    list(assistant.draft_report([], "cough", text_only=True))
+    assert backend.tasks == ["triage", "summary", "educate", "report"]
