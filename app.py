@@ -26,6 +26,7 @@ import gradio as gr  # noqa: E402
 from app_report import current_user, report_tab  # noqa: E402
 from assistant.app_retrieval import CASE_INDEX, PASSAGE_INDEX, Retrieval, default_index, open_retrieval  # noqa: E402
 from assistant.auth import Authenticator, users_file_from_env  # noqa: E402
+from assistant.backend import BackendError  # noqa: E402
 from assistant.cli import add_model_options, config_from_args, user_message  # noqa: E402
 from assistant.config import data_dir  # noqa: E402
 from assistant.dialogue import as_text_turns  # noqa: E402
@@ -195,7 +196,10 @@ def chat_events(stream, message: str, history, flags_in=None) -> Iterator[tuple]
         return
     except Exception as err:
         log.error("answer generation failed: %s", type(err).__name__)
-        turns[-1] = {"role": "assistant", "content": turns[-1]["content"] + "\n\n⚠️ Generation stopped."}
+        # A model server's failure (down, timed out, refused) is said where the answer was due.
+        notice = user_message(err)
+        why = f" {notice[:1].upper()}{notice[1:]}." if isinstance(err, BackendError) else ""
+        turns[-1] = {"role": "assistant", "content": turns[-1]["content"] + f"\n\n⚠️{why} Generation stopped."}
         yield turns, "", f"⚠️ The model failed while answering ({user_message(err)}). Please try again."
         return
     yield turns, "", "✅ Done: a draft for review, not a diagnosis."
@@ -237,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", default=None, help=f"similar-case index (default: DATA_DIR/{CASE_INDEX} if built)")
     parser.add_argument("--passages", default=None,
                         help=f"patient-education passage index (default: DATA_DIR/{PASSAGE_INDEX} if built)")
+    # DEBUG also lets every library's records through (the PHI log filter below still sees them all).
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log verbosity on stderr (default: INFO)")
     add_model_options(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # handler-level: also covers child loggers' records
         handler.addFilter(PhiLogFilter())
     import faiss

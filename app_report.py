@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,13 +77,14 @@ def report_tab(assistant: Assistant, workflow: Workflow, queue: str, cases: Case
     checked = gr.State(None)  # the image check's flags (kinds, findings, probabilities), stored with the draft
     limit = assistant.config.app.max_concurrent_generations  # shared by every event in `queue`: a global cap
     wire_viewer(viewer, assistant, study)
+    shared = SharedUploads()  # one per app: sessions that upload the same file share its read
 
     def on_upload(study_files, scans, window, finding):
-        return upload_events(assistant, study_files, scans, window, finding)
+        return upload_events(assistant, study_files, scans, window, finding, shared)
 
     def on_draft(study_files, indication_text, context, history, scans):
         # A named generator function: Gradio streams only what it can see is a generator.
-        yield from draft_events(assistant, study_files, indication_text, history, scans, context, cases)
+        yield from draft_events(assistant, study_files, indication_text, history, scans, context, cases, shared)
 
     def on_drafted(history, scans, flags, request: gr.Request):
         return record_draft(workflow, current_user(request), history, scans, flags)
@@ -105,7 +108,8 @@ def report_tab(assistant: Assistant, workflow: Workflow, queue: str, cases: Case
                  api_name="export_report")
 
 
-def upload_events(assistant: Assistant, files, study, window: str, finding: str) -> tuple:
+def upload_events(assistant: Assistant, files, study, window: str, finding: str,
+                  shared: SharedUploads | None = None) -> tuple:
     """New uploads: read them into the session's study and show the first image.
 
     Returns (files, study, status, image selector, *viewer outputs, pixel-review note); a bad
@@ -119,7 +123,7 @@ def upload_events(assistant: Assistant, files, study, window: str, finding: str)
             path.unlink(missing_ok=True)
         return None, gr.skip(), f"⚠️ At most {MAX_IMAGES_PER_STUDY} images per study ({len(paths)} uploaded).", \
             *(gr.skip(),) * 6
-    scans, problem, review = read_uploads(assistant, paths)
+    scans, problem, review = read_uploads(assistant, paths, shared)
     if problem:
         return None, gr.skip(), problem, *(gr.skip(),) * 6
     shown = render_view(assistant, scans, 0, window, finding)
@@ -129,7 +133,7 @@ def upload_events(assistant: Assistant, files, study, window: str, finding: str)
 
 
 def draft_events(assistant: Assistant, files, indication: str, history, study=None, use_cases: bool = False,
-                 cases: CaseFinder | None = None) -> Iterator[tuple]:
+                 cases: CaseFinder | None = None, shared: SharedUploads | None = None) -> Iterator[tuple]:
     """Generator behind the button: read any new uploads, stream the draft into the chat, and show
     similar prior cases (before the draft when they go into its prompt, after it otherwise).
 
@@ -148,7 +152,7 @@ def draft_events(assistant: Assistant, files, indication: str, history, study=No
         return
     review = gr.skip()  # the pixel-review note of the study already read stays as it is
     if paths:
-        study, problem, review = read_uploads(assistant, paths)
+        study, problem, review = read_uploads(assistant, paths, shared)
         if problem:
             yield _step(chat=history, status=problem, files=None)
             return
@@ -213,7 +217,34 @@ def _step(**values) -> tuple:
     return tuple(values[name] if name in values else gr.skip() for name in DRAFT_OUTPUTS)
 
 
-def read_uploads(assistant: Assistant, paths: list[Path]):
+class SharedUploads:
+    """Reads of uploads whose file an identical upload's read has already deleted.
+
+    Gradio files an upload at <temp dir>/<hash of its bytes>/<file name>, so sessions uploading the
+    same file (one study fetched by two clinicians, a demo image) are handed one path, and the first
+    read deletes it. A later read of that path takes the first one's result instead of failing with
+    "file not found": the same bytes give the same de-identified Scan. References are weak: an entry
+    lives only while some session's study still holds that Scan, so nothing is kept for its own sake.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scans: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # path -> Scan
+        self._review: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Scan -> pixel-review flag
+
+    def keep(self, path: Path, scan, review: bool) -> None:
+        with self._lock:
+            self._scans[str(path)] = scan
+            self._review[scan] = review
+
+    def find(self, path: Path):
+        """(scan, pixel-review flag) of an earlier read of `path`, or None."""
+        with self._lock:
+            scan = self._scans.get(str(path))
+            return None if scan is None else (scan, self._review.get(scan, True))
+
+
+def read_uploads(assistant: Assistant, paths: list[Path], shared: SharedUploads | None = None):
     """(scans for every upload, a message naming the first bad one by position, a one-line
     warning for DICOM files whose pixels may show burned-in patient text) with "" for no message.
 
@@ -224,18 +255,34 @@ def read_uploads(assistant: Assistant, paths: list[Path]):
     try:
         for index, path in enumerate(paths, start=1):
             try:
-                scans.append(assistant.read(path))
+                scan, flagged = _read_upload(assistant, path, shared)
             except ScanError as err:
                 return [], f"⚠️ Image {index} could not be used: {err}", ""
             except Exception as err:  # a reader bug must not become a traceback in the browser
                 log.error("reading an upload failed: %s", type(err).__name__)
                 return [], f"⚠️ Image {index} could not be read ({type(err).__name__}); try another export of it.", ""
-            if scans[-1].source_format == "dicom" and _needs_pixel_review(assistant, path):
+            scans.append(scan)
+            if flagged:
                 review.append(str(index))
     finally:
         for path in paths:
             path.unlink(missing_ok=True)
     return scans, "", pixel_review_note(review)
+
+
+def _read_upload(assistant: Assistant, path: Path, shared: SharedUploads | None):
+    """(scan, needs pixel review) of one upload, or of the identical upload read before it."""
+    try:
+        scan = assistant.read(path)
+    except ScanError:
+        earlier = shared.find(path) if shared is not None and not path.exists() else None
+        if earlier is None:
+            raise
+        return earlier
+    flagged = scan.source_format == "dicom" and _needs_pixel_review(assistant, path)
+    if shared is not None:
+        shared.keep(path, scan, flagged)
+    return scan, flagged
 
 
 def _needs_pixel_review(assistant: Assistant, path: Path) -> bool:

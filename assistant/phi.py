@@ -112,7 +112,8 @@ _CLINICAL_VERBS = (r"presented|presents|presenting|was|is|has|had|reports|report
                    r"agreed|declined|tolerated|will|lives|works|remains|developed|received|appears")
 _RELATIONS = (r"seen by|seen with|referred by|referred to|discussed with|spoke with|spoke to|per|consulted|"
               r"accompanied by|d/w|with|by|to|from|and|wife|husband|daughter|son|mother|father|sister|brother|"
-              r"spouse|partner|friend|caregiver|niece|nephew|grandson|granddaughter")
+              r"spouse|partner|friend|caregiver|niece|nephew|grandson|granddaughter|"
+              r"name is|name's")  # "My name is Jane Roe": how people introduce themselves in a chat
 _LINE_START = r"(?:^|(?<=[\n.;,(|\]]))[ \t]*"
 
 
@@ -196,7 +197,7 @@ _RULES: tuple[_Rule, ...] = (
                   r"(?P<phi>\d[^\n;]{3,80}?)(?=\s*(?:\n|$|;|\.\s|\.$))"),
     _r("NAME", r"(?P<phi>\b[A-Z][A-Za-z'-]+\^[A-Z][A-Za-z'-]*(?:\^[A-Za-z.'-]*){0,3})"),  # DICOM PN value
     _r("NAME", rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Doctor)\.?[ \t]+(?P<phi>{_NAME})"),
-    _r("NAME", rf"\b(?:Patient|Pt)\.?[ \t]+(?P<phi>{_NAME})", strict_name=True),
+    _r("NAME", rf"\b(?:Patient\.?|(?i:patient)|(?i:pt)\.?)[ \t]+(?P<phi>{_NAME})", strict_name=True),
     _r("NAME", rf"{_LINE_START}(?i:{_NAME_LABELS})\s*:\s*(?:(?:Dr|Mr|Mrs|Ms)\.?\s+)?"
                rf"(?P<phi>{_NAME_TOK},\s*{_NAME}|{_NAME})"),
     _r("NAME", rf"(?P<phi>{_NAME})\s*,?\s+{_CREDENTIALS}(?![\w])"),

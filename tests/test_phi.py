@@ -130,6 +130,11 @@ def test_look_alikes_are_left_alone(text):
         ("Patient: Parkinson disease follow-up.", "Patient: Parkinson disease follow-up."),
         ("Epstein Barr was positive.", "Epstein Barr was positive."),
         ("Mrs. Okafor called. Okafor reports cough.", "Mrs. [NAME] called. [NAME] reports cough."),  # propagation
+        # lower case mid-sentence, as clinicians type an addendum (found by tests/test_logscan.py)
+        ("Discussed; patient Mortimer Snodgrass informed.", "Discussed; patient [NAME] informed."),
+        ("the patient Denies chest pain.", "the patient Denies chest pain."),
+        ("best suited for the patient. Traditionally, surgery", "best suited for the patient. Traditionally, surgery"),
+        ("Hi, my name is Barnaby Wolfensberger and I have a cough.", "Hi, my name is [NAME] and I have a cough."),
     ],
 )
 def test_names_in_context(text, expected):
