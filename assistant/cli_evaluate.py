@@ -28,6 +28,10 @@ def add_commands(commands) -> None:
                           help="result JSON (default benchmarks/results/eval-TASK.json)")
     evaluate.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                           help="generation length limit (default: the config's generation.max_new_tokens)")
+    evaluate.add_argument("--batch-size", type=int, default=8, metavar="N",
+                          help="decode N items together (report task; 1 = the app's streaming path, slower)")
+    evaluate.add_argument("--rag", action="store_true",
+                          help="report task: put similar training-split reports into each prompt (retrieval-augmented)")
     add_model_options(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -38,7 +42,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)  # applies --max-new-tokens, --llm, --adapter, --set ...
     out = args.out or default_out(args.task)
-    evaluate(args.task, limit=args.limit, config=config, out=out)
+    evaluate(args.task, limit=args.limit, config=config, out=out, batch_size=args.batch_size, rag=args.rag)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

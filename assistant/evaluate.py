@@ -43,17 +43,23 @@ def default_out(task: str) -> Path:
 
 def evaluate(task: str, limit: int | None = None, config: AssistantConfig | None = None,
              out: str | Path | None = None, *, assistant=None, embedder=None, max_new_tokens: int | None = None,
-             meteor: bool = True, command: str | None = None, progress: bool = True) -> dict:
+             meteor: bool = True, command: str | None = None, progress: bool = True, batch_size: int = 1,
+             rag: bool = False) -> dict:
     """Run one task's evaluation, write `out` (JSON) if given, print its table, return the result.
 
     `assistant` (report, summary, educate) may be supplied, e.g. a tiny test model; otherwise it is
     built from `config`. `embedder` (report baseline, educate passages, retrieval) may be any object
     with sentence-transformers' `encode`; otherwise `config.embedder` is loaded. Decoding is always
-    greedy so reruns reproduce the numbers.
+    greedy so reruns reproduce the numbers. `batch_size` > 1 decodes that many items together;
+    `rag` (report only) puts similar training-split reports into each prompt, as the app's switch does.
     """
     _check_task(task)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1 (got {limit})")
+    if rag and task != "report":
+        raise ValueError("--rag applies to --task report only")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1 (got {batch_size})")
     if assistant is not None and config is not None:
         raise ValueError("pass either a config or an assistant, not both")
     start = time.perf_counter()
@@ -63,8 +69,11 @@ def evaluate(task: str, limit: int | None = None, config: AssistantConfig | None
         result = {"task": task, **_run_retrieval(config or AssistantConfig(), limit, embedder)}
     else:
         assistant = _greedy_assistant(assistant, config, max_new_tokens)
-        runner = {"report": _run_report, "summary": _run_summary, "educate": _run_educate}[task]
-        result = {"task": task, **runner(assistant, limit, embedder, meteor, progress)}
+        if task == "report":
+            result = {"task": task, **_run_report(assistant, limit, embedder, meteor, progress, batch_size, rag)}
+        else:
+            runner = {"summary": _run_summary, "educate": _run_educate}[task]
+            result = {"task": task, **runner(assistant, limit, embedder, meteor, progress)}
         result["generation"] = _generation(assistant)
         result["model"] = provenance(assistant.config, assistant.vlm)
     result.update(_record(command, time.perf_counter() - start))
@@ -95,7 +104,8 @@ def _greedy_assistant(assistant, config: AssistantConfig | None, max_new_tokens:
     return Assistant(vlm)
 
 
-def _run_report(assistant, limit, embedder, meteor: bool, progress: bool) -> dict:
+def _run_report(assistant, limit, embedder, meteor: bool, progress: bool, batch_size: int = 1,
+                rag: bool = False) -> dict:
     from .evaluate_report import run_report
 
     def embedder_factory():
@@ -105,7 +115,20 @@ def _run_report(assistant, limit, embedder, meteor: bool, progress: bool) -> dic
 
         return load_embedder(assistant.config.embedder)
 
-    return run_report(assistant, limit, embedder_factory, meteor=meteor, progress=progress)
+    finder = _case_finder(assistant.config) if rag else None
+    return run_report(assistant, limit, embedder_factory, meteor=meteor, progress=progress, batch_size=batch_size,
+                      finder=finder)
+
+
+def _case_finder(config: AssistantConfig):
+    """The app's similar-case index (IU training reports), built once into .cache/ if absent."""
+    from .app_retrieval import CASE_INDEX, CaseFinder, build_case_index
+    from .cli_index import text_embedder
+
+    embedding = text_embedder(config)
+    folder = ROOT / ".cache" / "eval-report" / CASE_INDEX
+    build_case_index(folder, embedding)  # a no-op when the index is already there
+    return CaseFinder.open(folder, embedding)
 
 
 def _generation(assistant) -> dict:

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from .labeler import label_report
 from .metrics import clinical_f1, coco_scores, rexrank_bleu2
-from .report import DraftReport
-from .safety import DRAFT_LABEL
+from .pipeline import report_prompt
+from .report import DraftReport, parse_continuation
+from .safety import DRAFT_LABEL, label_draft
 
 IU_FOLDER = "iu-xray"
 ANNOTATION = "r2gen_iu_xray_annotation.json"
@@ -142,19 +143,46 @@ def split_draft(draft: str) -> tuple[str, str]:
     return ("" if findings == _PLACEHOLDERS[0] else findings, "" if impression == _PLACEHOLDERS[1] else impression)
 
 
-def generate_drafts(assistant, studies: Sequence[Study], progress: bool = True) -> tuple[list[tuple[str, str]], list[float]]:
-    """Draft each study from its indication alone; returns (findings, impression) and seconds per study."""
+def generate_drafts(assistant, studies: Sequence[Study], progress: bool = True, batch_size: int = 1,
+                    similar: Sequence[Sequence] | None = None) -> tuple[list[tuple[str, str]], list[float]]:
+    """Draft each study from its indication alone (and `similar[i]`'s prior reports as context);
+    returns (findings, impression) and the seconds each draft took (a batch's time shared evenly).
+
+    `batch_size` 1 streams through `Assistant.draft_report`, exactly the app's path; larger batches
+    decode the same prompts together (`ClinicalVLM.generate_batch`), several times the throughput."""
+    similar = similar if similar is not None else [()] * len(studies)
     drafts, seconds = [], []
-    for index, study in enumerate(studies, 1):
+    for first in range(0, len(studies), max(1, batch_size)):
+        batch = list(zip(studies, similar))[first:first + max(1, batch_size)]
         start = time.perf_counter()
-        final = ""
-        for final in assistant.draft_report([], study.indication, text_only=True):
-            pass  # each item is the whole draft so far; the last one is complete
-        seconds.append(time.perf_counter() - start)
-        drafts.append(split_draft(final))
+        batched = batch_size > 1 and assistant.config.backend.kind == "local"  # a server batches its own way
+        finals = _draft_batch(assistant, batch) if batched else [_draft_one(assistant, *item) for item in batch]
+        elapsed = time.perf_counter() - start
+        seconds.extend([elapsed / len(batch)] * len(batch))
+        drafts.extend(split_draft(final) for final in finals)
         if progress:
-            print(f"  [{index}/{len(studies)}] {seconds[-1]:.1f} s", file=sys.stderr, flush=True)
+            print(f"  [{len(drafts)}/{len(studies)}] {elapsed:.1f} s", file=sys.stderr, flush=True)
     return drafts, seconds
+
+
+def _draft_one(assistant, study: Study, similar: Sequence) -> str:
+    final = ""
+    for final in assistant.draft_report([], study.indication, text_only=True, similar=similar):
+        pass  # each item is the whole draft so far; the last one is complete
+    return final
+
+
+def _draft_batch(assistant, batch: Sequence[tuple[Study, Sequence]]) -> list[str]:
+    prompts = [report_prompt([], study.indication, similar) for study, similar in batch]
+    return [label_draft(parse_continuation(text).to_text()) for text in assistant.vlm.generate_batch(prompts)]
+
+
+def similar_cases(finder, studies: Sequence[Study]) -> list[tuple]:
+    """What the app's draft flow puts in the prompt before a draft exists: the top cases of the
+    training-split index found by the indication, above the index's similarity threshold."""
+    from .app_retrieval import find_similar
+
+    return [find_similar(finder, indication=study.indication).cases for study in studies]
 
 
 # ---- scoring -----------------------------------------------------------------------------------
@@ -180,15 +208,20 @@ def leaderboard(root: Path | None = None) -> dict:
 
 
 def run_report(assistant, limit: int | None, embedder_factory: Callable[[], object], meteor: bool = True,
-               progress: bool = True) -> dict:
-    """Generate, build both baselines, score all three; the task-specific part of the result."""
+               progress: bool = True, batch_size: int = 1, finder=None) -> dict:
+    """Generate, build both baselines, score all three; the task-specific part of the result.
+    With a case `finder` (an index of training-split reports), drafts are retrieval-augmented."""
     test_all = load_studies("test")
     test = test_all[:limit] if limit is not None else test_all
     train = load_studies("train")
     timings = {}
     start = time.perf_counter()
-    drafts, seconds = generate_drafts(assistant, test, progress=progress)
+    similar = similar_cases(finder, test) if finder is not None else None
+    timings["retrieval_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    drafts, seconds = generate_drafts(assistant, test, progress=progress, batch_size=batch_size, similar=similar)
     timings["generation_s"] = time.perf_counter() - start
+    timings["batch_size"] = batch_size
     start = time.perf_counter()
     neighbours = nearest_neighbours(train, test, embedder_factory())
     constant = most_common_normal(train)
@@ -206,7 +239,8 @@ def run_report(assistant, limit: int | None, embedder_factory: Callable[[], obje
         "dataset": {"name": "IU X-ray (Indiana University chest X-ray reports)", "split": "test",
                     "split_source": f"R2Gen annotation ({ANNOTATION})", "order": "annotation order",
                     "n_split": len(test_all), "n_evaluated": len(test), "n_train": len(train), "limit": limit},
-        "conditioning": "indication only, no image",
+        "conditioning": "indication only, no image" + (", plus similar training-split reports" if finder else ""),
+        "retrieval_augmented": _rag_summary(finder, similar),
         "reference": {"r2gen": "findings", "rexrank": "findings + impression (ReXrank's test file)"},
         "protocol": PROTOCOL_NOTES,
         "baselines": {"nearest_neighbour": "findings (and impression) of the train-split study with the most "
@@ -220,3 +254,14 @@ def run_report(assistant, limit: int | None, embedder_factory: Callable[[], obje
         "leaderboard": leaderboard(),
         "predictions": [{"id": s.id, "findings": f, "impression": i} for s, (f, i) in zip(test, drafts)],
     }
+
+
+def _rag_summary(finder, similar: Sequence[Sequence] | None) -> dict | None:
+    if finder is None or similar is None:
+        return None
+    counts = [len(cases) for cases in similar]
+    return {"index": "IU X-ray R2Gen train split reports (the app's index-iu)",
+            "query": "the indication (the app's first draft: no draft text yet, no IU images)",
+            "min_similarity": finder.store.spec.min_similarity,
+            "mean_cases_in_prompt": sum(counts) / len(counts) if counts else 0.0,
+            "studies_without_close_case": sum(not n for n in counts)}

@@ -26,12 +26,17 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 RESULTS = ROOT / "benchmarks" / "results"
 # Section order and titles; result files of other kinds follow in name order.
 TITLES = {"eval-report": "Report drafting with the shipped adapter report-lora (IU X-ray, text-only)",
-          "eval-report-base": "Report drafting, untrained base model (IU X-ray, text-only)", "eval-summary": "EHR summarisation (Synthea)",
-          "eval-educate": "Patient education (MedQuAD)", "eval-triage": "Red-flag triage",
+          "eval-report-base": "Report drafting, untrained base model (IU X-ray, text-only)",
+          "eval-report-rag": "Report drafting with similar cases in the prompt (IU X-ray, first 100 test studies)",
+          "rag-effect": "Effect of retrieval-augmented drafting", "eval-summary": "EHR summarisation (Synthea)",
+          "eval-educate": "Patient education (MedQuAD), base LLM as served",
+          "eval-educate-lora": "Patient education with adapters/educate-lora (not served: below the base)", "eval-triage": "Red-flag triage",
           "eval-retrieval": "Similar-case retrieval quality (IU X-ray)",
           "eval-vision": "Vision encoder (NIH ChestX-ray14, PneumoniaMNIST)",
           "generation": "Generation speed", "ingest": "DICOM ingest speed",
-          "retrieval": "Case-index speed and recall (FAISS)", "concurrency": "Concurrent users (queue and memory)"}
+          "retrieval": "Case-index speed and recall (FAISS)", "concurrency": "Concurrent users (queue and memory)",
+          "backend": "Text generation backends (local model, llama.cpp server)",
+          "train-step": "Training speed (LoRA step, all layers)", "train-step-top8": "Training speed (LoRA step, top 8 layers)"}
 VISION_COMMAND = "python -m assistant evaluate-vision --out benchmarks/results/eval-vision.json"
 MIN_RECALL = 0.95  # the case-index table shows the fastest setting reaching this recall@10
 
@@ -103,7 +108,34 @@ def render_concurrency(r: dict) -> str:
          f"{res['red_flag_first_text_max_s']:.1f} s ({res['red_flag_users']} users)"],
         ["server memory idle → peak", f"{server['idle_rss_mb']} → {server['peak_rss_mb']} MB"],
     ]
-    return "\n\n".join([head, markdown_table(["measure", "value"], rows, numeric_from=1)])
+    parts = [head, markdown_table(["measure", "value"], rows, numeric_from=1)]
+    if "report_workflow" in r:
+        parts += render_report_workflow(r["report_workflow"])
+    return "\n\n".join(parts)
+
+
+def render_report_workflow(r: dict) -> list[str]:
+    """The browser scenario of benchmarks/concurrency.py: accepted reports checked in the store."""
+    setup, server, res, machine = r["setup"], r["server"], r["results"], r["machine"]
+    load = f"{machine['load_before'][0]:.1f} before, {machine['load_after'][0]:.1f} after"  # a shared machine
+    head = (f"**{setup['users']} signed-in browser users** at once ({setup['client']}): {setup['flow']}; "
+            f"{setup['max_new_tokens']} new tokens per draft, 1-minute load {load} (`{r['command']}`).")
+    rows = [
+        ["completed / errors / crashes", f"{res['completed']} / {res['errors']} / {res['crashes']}"],
+        ["accepted reports: confirmed in the browser / found in the store / lost",
+         f"{res['accepted_expected']} / {res['accepted_found']} / {res['lost']}"],
+        ["exports verified", f"{res['exports_verified']} / {res['exports_expected']}"],
+        ["time to first draft text p50 / p95 (from the click, includes waiting in line)",
+         f"{_s(res['ttft_p50_s'])} / {_s(res['ttft_p95_s'])}"],
+        ["whole workflow p50 / p95 / max (upload to accepted or exported)",
+         f"{_s(res['latency_p50_s'])} / {_s(res['latency_p95_s'])} / {_s(res['latency_max_s'])}"],
+        ["server memory idle → peak", f"{server['idle_rss_mb']} → {server['peak_rss_mb']} MB"],
+    ]
+    return [head, markdown_table(["measure", "value"], rows, numeric_from=1)]
+
+
+def _s(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.1f} s"
 
 
 def render_case_index(r: dict) -> str:
@@ -152,7 +184,74 @@ def render_vision(r: dict) -> str:
     return "\n\n".join(part for part in (head, table, note) if part)
 
 
-BENCHMARKS = {"generation": render_generation, "ingest": render_ingest, "concurrency": render_concurrency}
+def render_rag_effect(r: dict) -> str:
+    """Retrieval-augmented drafting against plain drafting on the same studies (benchmarks/rag_effect.py)."""
+    settings = r.get("rag_settings") or {}
+    head = (f"Same model, same test studies, with and without similar training-split reports in the prompt "
+            f"(`{r['command'].strip()}` over `{r['runs']['rag']}` and `{r['runs']['plain']}`). Retrieval queries "
+            f"by {settings.get('query', 'the indication')}; cases below similarity {settings.get('min_similarity')} "
+            "are left out, so some prompts get no context.")
+    names = {"all": "all studies", "with_context": "studies whose prompt got a case",
+             "without_context": "studies whose prompt got none"}
+    rows = []
+    for subset, pair in r["scores"].items():
+        for system in ("plain", "rag"):
+            m = pair[system]
+            rows.append([f"{names.get(subset, subset)}, {'with context' if system == 'rag' else 'plain'}", m["n"],
+                         m["BLEU_1"], m["BLEU_4"], m["METEOR"], m["ROUGE_L"], m["CIDEr"], m["finding_f1_micro"]])
+    return "\n\n".join([head, markdown_table(["studies, drafting", "n", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L",
+                                              "CIDEr", "finding F1 micro"], rows)])
+
+
+def render_train_step(r: dict) -> str:
+    """The LoRA step micro-benchmark (benchmarks/train_step.py): seconds per step by loss mode."""
+    m = r["machine"]
+    head = (f"LoRA training step, {m['cpu_count']} CPUs, {m['torch_threads']} torch thread(s), torch {m['torch']}; "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB; load average before {m['loadavg_before'][0]:.2f} "
+            f"(`{r['command']}`).")
+    rows = [[row["mode"], row["dtype"], row["batch"], row["tokens"], row["lora_layers"] or "all",
+             f"{row['s_per_step']:.2f}", f"{row['batch'] / row['s_per_step']:.2f}"] for row in r["rows"]]
+    return "\n\n".join([head, markdown_table(["loss over", "dtype", "batch", "tokens", "LoRA layers", "s/step",
+                                              "samples/s"], rows, numeric_from=2)])
+
+
+def render_training_runs(adapters: Path = ROOT / "adapters") -> str | None:
+    """Per stage, the shipped adapters' own training runs (their metadata.json, written by `train`)."""
+    rows = []
+    for meta_path in sorted(adapters.glob("*/metadata.json")):
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        run = meta.get("training")
+        if not run or "samples_per_s" not in run:
+            continue  # the vision encoder's card has its own section
+        loss = run.get("held_out_loss_full_vocab") or {}
+        rows.append([meta_path.parent.name, meta.get("stage"), meta.get("task"), run["steps"], run["samples"],
+                     f"{run['seconds'] / 60:.1f}", f"{run['samples_per_s']:.2f}", f"{run['peak_rss_mb'] / 1024:.1f}",
+                     f"{loss['before']:.2f} → {loss['after']:.2f}" if loss else "n/a"])
+    if not rows:
+        return None
+    return ("Training runs of the shipped adapters on the shared 2-core CPU (from each `adapters/NAME/metadata.json`; "
+            "its `commands.train` is the exact command):\n\n"
+            + markdown_table(["adapter", "stage", "task", "steps", "samples", "minutes", "samples/s", "peak RSS (GB)",
+                              "held-out loss"], rows, numeric_from=3))
+
+
+def render_backend(r: dict) -> str:
+    """Text generation through each backend (benchmarks/backend.py)."""
+    head = (f"One summary prompt streamed through each backend, greedy, at most {r['max_tokens']} new tokens, "
+            f"median of {r['runs']} runs; {r['cpu_count']} CPUs, torch {r['torch_threads']} thread(s), llama.cpp "
+            f"{r['llama_threads']} thread(s); load average {r['load_average_before']:.1f} before, "
+            f"{r['load_average_after']:.1f} after (`python benchmarks/backend.py`).")
+    rows = [[name, x["decode_tokens_per_s"], x["first_piece_s"], x["cpu_ms_per_token"], max(x["tokens"]),
+             x.get("gguf_mb")] for name, x in r["results"].items()]
+    parts = [head, markdown_table(["backend", "decode tokens/s", "first piece (s)", "CPU ms per token",
+                                   "tokens", "GGUF MB"], rows)]
+    if r.get("busy_machine"):
+        parts.append("Warning: the machine was busy (other jobs on the 2 cores); rerun on a quiet machine.")
+    return "\n\n".join(parts)
+
+
+BENCHMARKS = {"generation": render_generation, "ingest": render_ingest, "concurrency": render_concurrency,
+              "rag_effect": render_rag_effect, "train_step": render_train_step}
 
 
 def render_file(path: Path) -> str | None:
@@ -166,6 +265,8 @@ def render_file(path: Path) -> str | None:
         return render_case_index(data)
     if {"nih_test", "pneumoniamnist_test"} <= data.keys():
         return render_vision(data)
+    if {"results", "llama_threads"} <= data.keys():
+        return render_backend(data)
     return None  # a result kind this script does not know yet
 
 
@@ -178,6 +279,9 @@ def build_section(results: Path = RESULTS) -> str:
         body = render_file(path)
         if body:
             parts.append(f"### {TITLES.get(path.stem, path.stem)}\n\n{body}")
+    runs = render_training_runs()
+    if runs:
+        parts.append(f"### Training runs per stage (shipped adapters)\n\n{runs}")
     return "\n\n".join(parts)
 
 
