@@ -115,12 +115,12 @@ def _run_report(assistant, limit, embedder, meteor: bool, progress: bool, batch_
 
         return load_embedder(assistant.config.embedder)
 
-    finder = _case_finder(assistant.config) if rag else None
+    finder = case_finder(assistant.config) if rag else None
     return run_report(assistant, limit, embedder_factory, meteor=meteor, progress=progress, batch_size=batch_size,
                       finder=finder)
 
 
-def _case_finder(config: AssistantConfig):
+def case_finder(config: AssistantConfig):
     """The app's similar-case index (IU training reports), built once into .cache/ if absent."""
     from .app_retrieval import CASE_INDEX, CaseFinder, build_case_index
     from .cli_index import text_embedder

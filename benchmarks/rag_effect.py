@@ -39,10 +39,10 @@ def predictions(result_path: Path) -> dict[str, tuple[str, str]]:
 def with_context(studies) -> set[str]:
     """Ids of the studies whose prompt got at least one case (retrieval rerun: it is deterministic)."""
     from assistant.config import AssistantConfig
-    from assistant.evaluate import _case_finder
+    from assistant.evaluate import case_finder
     from assistant.evaluate_report import similar_cases
 
-    finder = _case_finder(AssistantConfig())
+    finder = case_finder(AssistantConfig())
     return {study.id for study, cases in zip(studies, similar_cases(finder, studies)) if cases}
 
 
