@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         retrieval = open_retrieval(config, args.index or default_index(folder, CASE_INDEX),
                                    args.passages or default_index(folder, PASSAGE_INDEX))
         assistant = Assistant.from_config(config)
+        if config.generation.fast_decode:
+            assistant.vlm.start_fast_decoding()  # background compile; generate() serves until it is ready
     except Exception as err:
         if args.debug:
             raise

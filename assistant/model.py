@@ -41,6 +41,7 @@ class ClinicalVLM:
         # task -> peft adapter name (None: LoRA off for that task); empty: one adapter for every task
         self.task_adapters: dict[str, str | None] = {}
         self._adapter_lock = threading.Lock()  # the active adapter is model state: one generation at a time
+        self.fast = None  # a FastGeneration once start_fast_decoding() ran
 
     # ---- assembly -------------------------------------------------------------------------
     @classmethod
@@ -161,6 +162,10 @@ class ClinicalVLM:
         from transformers import TextIteratorStreamer
 
         gen = gen or self.config.generation
+        if self.fast is not None and self.fast.usable(inputs, gen):
+            with self.adapter_for(task):
+                yield from self.fast.pieces(inputs, gen, stop, self.adapter_name(task))
+            return
         prompt_length = inputs["input_ids"].shape[1]
         extra = {"stopping_criteria": [_StopOnText(self.tokenizer, stop, prompt_length)]} if stop else {}
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -204,6 +209,15 @@ class ClinicalVLM:
             out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask,
                                    **self.generate_kwargs(gen), **extra)
         return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+    def start_fast_decoding(self, wait: bool = False, compile: bool = True):
+        """Compile the fast decoder in the background; `stream` uses it once ready (see
+        assistant.fast_generate). `wait` blocks until it is ready or has failed."""
+        from .fast_generate import FastGeneration
+
+        if self.fast is None:
+            self.fast = FastGeneration(self, compile=compile)
+        return self.fast.start(wait=wait)
 
     # ---- adapters ---------------------------------------------------------------------------
     def attach_lora(self) -> None:
@@ -297,6 +311,20 @@ class ClinicalVLM:
             else:
                 self.hf.set_adapter(name)
                 yield
+
+    def adapter_name(self, task: str) -> str | None:
+        """The peft adapter `adapter_for(task)` activates (None: the base weights)."""
+        if not hasattr(self.hf, "peft_config"):
+            return None
+        if not self.task_adapters:
+            active = self.hf.active_adapter
+            return active if isinstance(active, str) else active[0]
+        return self.task_adapters.get(task, self.task_adapters["report"])
+
+    def adapter_names(self) -> list[str | None]:
+        """Every adapter some task generates with (the report one first)."""
+        tasks = ["report", *sorted(t for t in self.task_adapters if t != "report")]
+        return list(dict.fromkeys(self.adapter_name(task) for task in tasks))
 
     def _base_model(self):
         """The LlavaForConditionalGeneration under any peft wrapper."""

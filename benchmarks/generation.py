@@ -7,7 +7,11 @@ Measures, greedy and on a fixed prompt (the 966_fixed chest DICOM + "cough"):
 - peak RSS; the machine's memory bandwidth and the bound it puts on decoding
   (bytes read per token = every language-model weight in the runtime dtype, the tied 262k x 640
   embedding once, as lm_head), and achieved / bound;
-- the same decode on plain transformers (bf16 and fp32), without the LLaVA wrapper.
+- the same decode on plain transformers (bf16 and fp32), without the LLaVA wrapper;
+- the fast path (assistant.fast_decode, compiled): decode tokens/s, its own bound (its weights plus
+  the KV cache it reads), achieved / bound, and whether its greedy tokens equal the reference's;
+- llama.cpp (llama-cpp-python, an optional extra) on the packaged Q4_K_M GGUF of the same base
+  model, same 2 threads, with the fast path's ratio to it.
 
     .venv/bin/python benchmarks/generation.py [--runs 5] [--tokens 64] [--e2e-runs 3] [--no-reference]
 
@@ -154,6 +158,90 @@ def decode_bytes(language_model, lm_head) -> dict:
             "tied_embedding": head.data_ptr() == language_model.get_input_embeddings().weight.data_ptr()}
 
 
+def fast_path(assistant: Assistant, inputs: dict, tokens: int, runs: int, bandwidth_gb_s: float,
+              reference_tokens: list[int]) -> dict:
+    """The compiled decoder on the same study prompt, timed per token (fixed count: no EOS)."""
+    vlm = assistant.vlm
+    start = time.perf_counter()
+    generation = vlm.start_fast_decoding(wait=True)
+    if not generation.ready.is_set():
+        return {"error": generation.failure}
+    compile_s = time.perf_counter() - start
+    decoder, adapter = generation.decoder, vlm.adapter_name("report")
+    gen = assistant.config.generation
+
+    def one(count: int) -> tuple[dict, list[int]]:
+        begin = time.perf_counter()
+        with vlm.adapter_for("report"), torch.inference_mode():
+            out = vlm.hf(**inputs, use_cache=True, logits_to_keep=1)
+        stamps, ids = [], []
+        for token in decoder.decode(adapter, out.past_key_values, inputs["input_ids"][0], out.logits[0, -1],
+                                    count, gen.repetition_penalty):
+            stamps.append(time.perf_counter())
+            ids.append(token)
+        return {"ttft_s": stamps[0] - begin, "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}, ids
+
+    one(8)
+    samples = [one(tokens) for _ in range(runs)]
+    rates = [s["decode_tokens_per_s"] for s, _ in samples]
+    ids = samples[0][1]
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    weight_bytes = decoder.weights_for(adapter).bytes_per_token()
+    span = -(-(prompt_tokens + tokens) // 256) * 256  # the cache blocks the last steps read
+    shape = decoder.shape
+    cache_bytes = 2 * shape.layers * shape.kv_heads * span * shape.head_dim * decoder.cache()[0].element_size()
+    bound = bandwidth_gb_s * 1e9 / (weight_bytes + cache_bytes)
+    median = statistics.median(rates)
+    same = next((i for i, (a, b) in enumerate(zip(ids, reference_tokens)) if a != b), None)
+    return {"compile_or_cache_load_s": compile_s, "runs": runs, "new_tokens": tokens,
+            "decode_tokens_per_s_median": median, "decode_tokens_per_s_all": rates,
+            "ttft_s_median": statistics.median(s["ttft_s"] for s, _ in samples),
+            "bytes_per_token": weight_bytes + cache_bytes, "kv_cache_bytes_read": cache_bytes,
+            "bound_tokens_per_s": bound, "achieved_over_bound": median / bound,
+            "greedy_tokens_equal_reference": same is None and len(ids) == len(reference_tokens),
+            "first_difference_at": same, "compared_tokens": min(len(ids), len(reference_tokens))}
+
+
+def reference_tokens(vlm, inputs: dict, tokens: int) -> list[int]:
+    """Greedy tokens of the reference path (transformers generate) on the study prompt."""
+    with vlm.adapter_for("report"), torch.inference_mode():
+        out = vlm.hf.generate(**inputs, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
+                              repetition_penalty=vlm.config.generation.repetition_penalty,
+                              pad_token_id=vlm.tokenizer.pad_token_id)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def llama_cpp_decode(prompt: str, tokens: int, runs: int, bandwidth_gb_s: float) -> dict:
+    """llama.cpp in-process on the packaged Q4_K_M GGUF (2 threads), greedy, tokens/s after the first."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed (pip install '.[serve]')"}
+    from assistant.serve_export import packaged_gguf
+
+    gguf = packaged_gguf()
+    llm = Llama(model_path=str(gguf), n_threads=torch.get_num_threads(), n_ctx=1024, verbose=False)
+    ids = llm.tokenize(prompt.encode(), add_bos=True)
+
+    def one(count: int) -> float:
+        llm.reset()
+        stamps = []
+        for _ in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.1, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == count:
+                break
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    one(8)
+    rates = [one(tokens) for _ in range(runs)]
+    size = gguf.stat().st_size
+    median = statistics.median(rates)
+    return {"gguf": gguf.name, "gguf_bytes": size, "threads": torch.get_num_threads(),
+            "decode_tokens_per_s_median": median, "decode_tokens_per_s_all": rates,
+            "bound_tokens_per_s": bandwidth_gb_s * 1e9 / size, "achieved_over_bound": median * size / (bandwidth_gb_s * 1e9),
+            "note": "bound from the file size: every tensor read once per token (tied embedding as output)"}
+
+
 def plain_reference(llm_dir: Path, prompt: str, tokens: int, runs: int) -> list[dict]:
     """The bare causal LM (no vision, no LLaVA wrapper) on the same prompt text, bf16 and fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -210,7 +298,13 @@ def run(args: argparse.Namespace) -> dict:
     e2e = end_to_end(assistant, args.e2e_runs)
     rss_vlm = peak_rss_mb()
     bandwidth = memory_bandwidth()
-    model_bytes = decode_bytes(vlm.hf.model.language_model, vlm.hf.lm_head)
+    reference = reference_tokens(vlm, inputs, args.tokens)
+    fast = fast_path(assistant, inputs, args.tokens, args.runs, bandwidth["best_read_gb_s"], reference)
+    llama = llama_cpp_decode(report_prompt([], INDICATION), args.tokens, args.runs, bandwidth["best_read_gb_s"])
+    if "decode_tokens_per_s_median" in fast and "decode_tokens_per_s_median" in llama:
+        fast["over_llama_cpp"] = fast["decode_tokens_per_s_median"] / llama["decode_tokens_per_s_median"]
+    base = vlm._base_model()
+    model_bytes = decode_bytes(base.model.language_model, base.lm_head)
     bound = bandwidth["best_read_gb_s"] * 1e9 / model_bytes["bytes_per_token"]
     result = {
         "benchmark": "generation", "model": "ClinicalVLM (default config) via Assistant.from_config",
@@ -224,6 +318,7 @@ def run(args: argparse.Namespace) -> dict:
         "memory_bandwidth": bandwidth, "model_bytes": model_bytes,
         "decode_bound_tokens_per_s": bound,
         "achieved_over_bound": decode["decode_tokens_per_s_median"] / bound,
+        "fast_path": fast, "llama_cpp": llama,
     }
     if args.reference:
         prompt = report_prompt([], INDICATION)

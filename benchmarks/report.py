@@ -72,6 +72,7 @@ def render_generation(r: dict) -> str:
                for x in r["plain_transformers"]]
         parts.append(markdown_table(["reference (text prompt, no image)", "decode tokens/s", "TTFT (s)",
                                      "MB per token", "bound (tokens/s)", "achieved / bound"], ref))
+    parts.extend(render_fast_path(r))
     if r.get("note"):
         parts.append(f"Note: {r['note']}.")
     if r["loadavg_before"][0] >= 1.0:
@@ -79,6 +80,38 @@ def render_generation(r: dict) -> str:
         parts.append(f"Warning: the machine was busy when this ran (1-minute load {r['loadavg_before'][0]:.1f} "
                      f"on {env['cpu_count']} CPUs before it started); rerun on a quiet machine.")
     return "\n\n".join(parts)
+
+
+def render_fast_path(r: dict) -> list[str]:
+    """The compiled decoder and llama.cpp beside the reference path (generation.json)."""
+    fast, llama = r.get("fast_path"), r.get("llama_cpp") or {}
+    if not fast:
+        return []
+    if "error" in fast:
+        return [f"Fast path unavailable: {fast['error']}."]
+    rows = [["reference: transformers generate (study prompt)", f"{r['decode']['decode_tokens_per_s_median']:.1f}",
+             f"{r['decode_bound_tokens_per_s']:.1f}", f"{r['achieved_over_bound']:.2f}", "1.00"],
+            ["fast path: assistant.fast_decode (compiled, bf16 + merged LoRA)",
+             f"{fast['decode_tokens_per_s_median']:.1f}", f"{fast['bound_tokens_per_s']:.1f}",
+             f"{fast['achieved_over_bound']:.2f}",
+             f"{fast['decode_tokens_per_s_median'] / r['decode']['decode_tokens_per_s_median']:.2f}"]]
+    if "decode_tokens_per_s_median" in llama:
+        rows.append([f"llama.cpp, {llama['gguf']} ({llama['threads']} threads, text prompt)",
+                     f"{llama['decode_tokens_per_s_median']:.1f}", f"{llama['bound_tokens_per_s']:.1f}",
+                     f"{llama['achieved_over_bound']:.2f}",
+                     f"{llama['decode_tokens_per_s_median'] / r['decode']['decode_tokens_per_s_median']:.2f}"])
+    parts = [markdown_table(["decoder", "decode tokens/s", "bound (tokens/s)", "achieved / bound",
+                             "x reference"], rows)]
+    same = ("equal to the reference's" if fast["greedy_tokens_equal_reference"]
+            else f"first differ from the reference's at token {fast['first_difference_at']}")
+    lines = [f"Fast path greedy tokens ({fast['compared_tokens']} compared) {same}; time to first token "
+             f"{fast['ttft_s_median']:.2f} s; compile (or Inductor cache load) {fast['compile_or_cache_load_s']:.0f} s."]
+    if "over_llama_cpp" in fast:
+        lines.append(f"Fast path / llama.cpp decode speed: {fast['over_llama_cpp']:.2f}.")
+    elif llama.get("skipped"):
+        lines.append(f"llama.cpp: {llama['skipped']}.")
+    parts.append(" ".join(lines))
+    return parts
 
 
 def render_ingest(r: dict) -> str:

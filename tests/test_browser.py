@@ -58,7 +58,9 @@ def start_app(cache, folder, extra=()) -> tuple[subprocess.Popen, str]:
             add_user(folder / "users.json", name, password)
     port = free_port()
     env = {**os.environ, "ASSISTANT_CACHE_DIR": str(cache), "GRADIO_TEMP_DIR": str(folder / "uploads")}
+    # No background compile of the fast decoder: it would take both cores while the browser waits.
     command = [sys.executable, "app.py", "--port", str(port), "--max-new-tokens", "16",
+               "--set", "generation.fast_decode=false",
                "--users", str(folder / "users.json"), "--data-dir", str(folder / "data"), *extra]
     with (folder / "app.log").open("a") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

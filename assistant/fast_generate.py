@@ -1,0 +1,101 @@
+"""ClinicalVLM generation through the compiled decoder (assistant.fast_decode), once it is ready.
+
+`FastGeneration.start()` builds the decoder and compiles its token step in a background thread
+(about a minute the first time on 2 cores, seconds once Inductor's on-disk cache holds it); until
+then, and for anything the decoder does not implement (batches, other architectures, prompts past
+its cache), `ClinicalVLM.stream` keeps using transformers' `generate`. Nobody waits for a compile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from .config import GenerationConfig
+from .fast_decode import CACHE_BLOCK, FastDecoder, FastDecodeUnsupported
+
+log = logging.getLogger(__name__)
+
+
+class FastGeneration:
+    def __init__(self, vlm, compile: bool = True, max_positions: int = 4096):
+        self.vlm = vlm
+        self.compile = compile
+        self.max_positions = max_positions
+        self.decoder: FastDecoder | None = None
+        self.ready = threading.Event()
+        self.failure: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, wait: bool = False) -> "FastGeneration":
+        """Build and warm the decoder in the background (`wait`: block until done)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._warm, name="fast-decode-warmup", daemon=True)
+            self._thread.start()
+        if wait:
+            self._thread.join()
+        return self
+
+    def _warm(self) -> None:
+        try:
+            text_model = self.vlm._base_model().model.language_model
+            decoder = FastDecoder(text_model, self.max_positions, compile=self.compile)
+            adapters = self.vlm.adapter_names()
+            for adapter in adapters:
+                decoder.weights_for(adapter)  # merge each LoRA once, before the first request
+            with torch.inference_mode():
+                decoder.warm_up(adapters[0])
+            self.decoder = decoder
+            self.ready.set()
+            log.info("fast decoding ready")
+        except FastDecodeUnsupported as err:
+            self.failure = str(err)
+            log.info("fast decoding off: %s", err)
+        except Exception as err:  # a compile failure must never take generation down: generate() remains
+            self.failure = f"{type(err).__name__}: {err}"
+            log.warning("fast decoding unavailable, using transformers generate: %s", self.failure)
+
+    def usable(self, inputs: dict[str, torch.Tensor], gen: GenerationConfig) -> bool:
+        ids = inputs["input_ids"]
+        return (self.ready.is_set() and ids.shape[0] == 1
+                and self.decoder.fits(ids.shape[1], gen.max_new_tokens))
+
+    def pieces(self, inputs: dict[str, torch.Tensor], gen: GenerationConfig, stop: tuple[str, ...],
+               adapter: str | None) -> Iterator[str]:
+        """Text pieces of one generation: prefill through the Hugging Face model (image tokens
+        included), then the compiled steps. The caller holds the model's adapter lock."""
+        with torch.inference_mode():
+            out = self.vlm.hf(**inputs, use_cache=True, logits_to_keep=1)
+        eos = self.vlm.hf.generation_config.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        tokens = self.decoder.decode(adapter, out.past_key_values, inputs["input_ids"][0], out.logits[0, -1],
+                                     gen.max_new_tokens, gen.repetition_penalty, gen.temperature, eos_ids)
+        yield from TextPieces(self.vlm.tokenizer, stop).feed(tokens)
+
+
+class TextPieces:
+    """Incremental detokenisation: each new token's text as it becomes whole (a byte-fallback
+    character split over tokens waits for its last byte), ending after a stop string appears."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, stop
+
+    def feed(self, tokens: Iterator[int]) -> Iterator[str]:
+        ids: list[int] = []
+        sent = ""
+        for token in tokens:
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
+            if self.stop and any(stop in sent for stop in self.stop):
+                return
+
+
+__all__ = ["CACHE_BLOCK", "FastGeneration", "TextPieces"]
