@@ -9,16 +9,18 @@ preallocated buffer indexed by position (no per-step allocation or concatenation
 
 The math follows transformers' Gemma 3 (RMSNorm with 1 + weight in fp32, q/k norms, two RoPE
 tables, sliding-window layers, embedding scale, tied output matrix) with LoRA merged into the
-weights; logits are rounded to bf16 like the reference path before the penalty and argmax, so
-greedy drafts match `generate` token for token (tests/test_fast_decode.py checks it). Prefill,
-including image tokens, runs through the Hugging Face model once; its cache is copied in.
+weights; logits are rounded to the model dtype like the reference path before the penalty and
+argmax. Greedy tokens match `generate`'s in the tests (tests/test_fast_decode.py); on the real bf16
+model the merged LoRA rounds differently from peft's unmerged path, so a near-tie can flip (the
+generation benchmark reports where). Prefill, including image tokens, runs through the Hugging Face
+model once; its cache is copied in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -47,7 +49,7 @@ class LayerWeights:
 
 @dataclasses.dataclass
 class DecoderWeights:
-    embed: torch.Tensor  # (vocab, hidden) bf16, also the output matrix (tied)
+    embed: torch.Tensor  # (vocab, hidden) in the model dtype, also the output matrix (tied)
     layers: list[LayerWeights]
     final_norm: torch.Tensor
 
@@ -104,6 +106,7 @@ def merged_weights(text_model, adapter: str | None = None) -> DecoderWeights:
     in fp32 (None: the base weights). The model itself is never modified: merging and unmerging in
     place would leave bf16 rounding drift in the shared base weights."""
     dtype = text_model.embed_tokens.weight.dtype
+
     def matrix(module) -> torch.Tensor:
         if hasattr(module, "base_layer"):  # a peft LoRA layer
             weight = module.base_layer.weight.detach().float()
@@ -254,8 +257,9 @@ class FastDecoder:
             return self._weights[adapter]
 
     def cache(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The KV cache, allocated once at full capacity so its strides never change (a new stride
-        would recompile the step), keys and values (layers, kv_heads, positions, dim). Stale entries from an earlier sequence are finite and masked out, never read as zeros."""
+        """The KV cache, keys and values (layers, kv_heads, positions, dim), allocated once at full
+        capacity so its strides never change (a new stride would recompile the step). Stale entries
+        from an earlier sequence are finite and masked out, never read as zeros."""
         if self._cache is None:
             s = self.shape
             with torch.inference_mode(False):  # updated in place by every later call, in or out of the mode

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from .config import GenerationConfig
-from .fast_decode import CACHE_BLOCK, FastDecoder, FastDecodeUnsupported
+from .fast_decode import FastDecoder, FastDecodeUnsupported
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,20 @@ class FastGeneration:
 
     def pieces(self, inputs: dict[str, torch.Tensor], gen: GenerationConfig, stop: tuple[str, ...],
                adapter: str | None) -> Iterator[str]:
-        """Text pieces of one generation: prefill through the Hugging Face model (image tokens
-        included), then the compiled steps. The caller holds the model's adapter lock."""
+        """Text pieces of one generation. The caller holds the model's adapter lock."""
+        yield from TextPieces(self.vlm.tokenizer, stop).feed(self.tokens(inputs, gen, adapter))
+
+    def tokens(self, inputs: dict[str, torch.Tensor], gen: GenerationConfig, adapter: str | None,
+               eos_ids: tuple[int, ...] | None = None) -> Iterator[int]:
+        """New token ids: prefill through the Hugging Face model (image tokens included) at the first
+        `next`, then the compiled steps. `eos_ids` None: the model's own; () runs to the limit."""
         with torch.inference_mode():
             out = self.vlm.hf(**inputs, use_cache=True, logits_to_keep=1)
-        eos = self.vlm.hf.generation_config.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        tokens = self.decoder.decode(adapter, out.past_key_values, inputs["input_ids"][0], out.logits[0, -1],
-                                     gen.max_new_tokens, gen.repetition_penalty, gen.temperature, eos_ids)
-        yield from TextPieces(self.vlm.tokenizer, stop).feed(tokens)
+        if eos_ids is None:
+            eos = self.vlm.hf.generation_config.eos_token_id
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        yield from self.decoder.decode(adapter, out.past_key_values, inputs["input_ids"][0], out.logits[0, -1],
+                                       gen.max_new_tokens, gen.repetition_penalty, gen.temperature, eos_ids)
 
 
 class TextPieces:
@@ -98,4 +103,3 @@ class TextPieces:
                 return
 
 
-__all__ = ["CACHE_BLOCK", "FastGeneration", "TextPieces"]

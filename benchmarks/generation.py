@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -42,6 +43,7 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from assistant.config import AssistantConfig  # noqa: E402
 from assistant.evaluate import write_atomic  # noqa: E402
+from assistant.fast_decode import CACHE_BLOCK  # noqa: E402
 from assistant.pipeline import Assistant, report_prompt  # noqa: E402
 
 DICOM = ROOT.parent / "shared" / "data" / "dicom" / "pylibjpeg-data" / "JPEG2000Lossless" / "966_fixed.dcm"
@@ -168,17 +170,15 @@ def fast_path(assistant: Assistant, inputs: dict, tokens: int, runs: int, bandwi
         return {"error": generation.failure}
     compile_s = time.perf_counter() - start
     decoder, adapter = generation.decoder, vlm.adapter_name("report")
-    gen = assistant.config.generation
 
     def one(count: int) -> tuple[dict, list[int]]:
+        gen = dataclasses.replace(assistant.config.generation, max_new_tokens=count, temperature=0.0)
         begin = time.perf_counter()
-        with vlm.adapter_for("report"), torch.inference_mode():
-            out = vlm.hf(**inputs, use_cache=True, logits_to_keep=1)
         stamps, ids = [], []
-        for token in decoder.decode(adapter, out.past_key_values, inputs["input_ids"][0], out.logits[0, -1],
-                                    count, gen.repetition_penalty):
-            stamps.append(time.perf_counter())
-            ids.append(token)
+        with vlm.adapter_for("report"):
+            for token in generation.tokens(inputs, gen, adapter, eos_ids=()):  # no EOS: a fixed count
+                stamps.append(time.perf_counter())
+                ids.append(token)
         return {"ttft_s": stamps[0] - begin, "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}, ids
 
     one(8)
@@ -187,7 +187,7 @@ def fast_path(assistant: Assistant, inputs: dict, tokens: int, runs: int, bandwi
     ids = samples[0][1]
     prompt_tokens = int(inputs["input_ids"].shape[1])
     weight_bytes = decoder.weights_for(adapter).bytes_per_token()
-    span = -(-(prompt_tokens + tokens) // 256) * 256  # the cache blocks the last steps read
+    span = -(-(prompt_tokens + tokens) // CACHE_BLOCK) * CACHE_BLOCK  # the cache blocks the last steps read
     shape = decoder.shape
     cache_bytes = 2 * shape.layers * shape.kv_heads * span * shape.head_dim * decoder.cache()[0].element_size()
     bound = bandwidth_gb_s * 1e9 / (weight_bytes + cache_bytes)
