@@ -9,12 +9,16 @@ summary's sections, without the "Problems:" line the prompt already ends with.
 
 Education: MedQuAD question -> answer in `prompts/educate.md`, with the first passages of other
 answers about the same focus as the retrieved trusted information (never the answer itself, which
-would teach copying), the target the answer cut at a sentence end. Split by question id with the evaluation's seed
+would teach copying), the target the answer without page furniture (a heading repeating the
+question, "Key Points -") cut at a sentence end. Lists of further resources, symptom-table
+boilerplate and answers under 25 words are skipped: the first adapter, trained on them, echoed
+headings and wrote one-line answers. Split by question id with the evaluation's seed
 (`medquad_split`, seed 13), so its held-out questions are never trained on.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .dialogue import clean_user_text
@@ -25,7 +29,8 @@ from .retrieval_passages import chunk_text, load_medquad, medquad_split
 from .retrieval_sources import shared_data_dir
 from .train_data import Example
 
-MAX_ANSWER_CHARS = 700  # education targets: a few sentences, the length a CPU answer can afford
+MAX_ANSWER_CHARS = 800  # education targets: a few sentences (about 130 words), the length a CPU answer can afford
+MIN_TARGET_WORDS = 25  # shorter targets taught the first adapter one-line answers
 MEDQUAD_SEED = 13  # evaluate_educate's seed: its held-out questions stay held out
 
 
@@ -51,10 +56,29 @@ def summary_examples(split: str = "train", root: Path | None = None) -> list[Exa
     return examples
 
 
+# Answers that teach nothing a patient can use, or teach the wrong shape of answer: lists of
+# further resources ("These resources address the diagnosis or management of X: - GeneReview...")
+# and the boilerplate in front of a symptom table that MedQuAD keeps without the table.
+RESOURCE_LIST = re.compile(r"^(these resources address|you can find information|the human phenotype ontology provides)", re.I)
+# Page furniture in front of the answer proper: NCI's "Key Points -" banner and a heading that
+# repeats the question ("What are the signs and symptoms of X?"), which the first adapter learned
+# to echo instead of answering.
+LEADING_FURNITURE = re.compile(r"^\s*(key points\s*-?\s*|(what|how|who|is|are|do|does|can|which|when|why)\b[^?]{0,200}\?\s+)", re.I)
+
+
 def short_answer(answer: str, max_chars: int = MAX_ANSWER_CHARS) -> str:
     """The answer's leading sentences, at most max_chars (at least its first sentence piece)."""
     chunks = chunk_text(answer, max_chars)
     return chunks[0] if chunks else ""
+
+
+def education_target(answer: str, max_chars: int = MAX_ANSWER_CHARS) -> str:
+    """What the model should learn to write: the answer without page furniture, cut at a sentence
+    end; "" for a list of further resources (no answer to learn from)."""
+    text = " ".join(answer.split())
+    while (stripped := LEADING_FURNITURE.sub("", text, count=1)) != text:
+        text = stripped
+    return "" if RESOURCE_LIST.match(text) else short_answer(text, max_chars)
 
 
 def related_passages(records, count: int = 2) -> dict[str, list[str]]:
@@ -91,5 +115,9 @@ def educate_examples(split: str = "train", root: Path | None = None) -> list[Exa
     path = (root or shared_data_dir()) / "medquad" / "medquad_qa_with_answers.jsonl.gz"
     records = [r for r in getattr(medquad_split(load_medquad(path), seed=MEDQUAD_SEED), split) if r.get("question")]
     related = related_passages(records)
-    return [Example(educate_prompt(r["question"], related[r["qid"]]), short_answer(r["answer"]), source=r["qid"])
-            for r in records if related[r["qid"]]]
+    examples = []
+    for record in records:
+        target = education_target(record["answer"])
+        if related[record["qid"]] and len(target.split()) >= MIN_TARGET_WORDS:
+            examples.append(Example(educate_prompt(record["question"], related[record["qid"]]), target, source=record["qid"]))
+    return examples

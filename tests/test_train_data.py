@@ -134,11 +134,24 @@ def test_education_examples_come_from_training_questions():
 
     examples = educate_examples("train")
     test_qids = medquad_split(load_medquad(), seed=13).test_qids
-    assert len(examples) > 10_000 and not {e.source for e in examples} & test_qids
+    assert len(examples) > 9_000 and not {e.source for e in examples} & test_qids
     first = examples[0]
     assert first.prompt.rstrip().endswith("Answer:") and "[1] " in first.prompt
     assert 0 < len(first.target) <= MAX_ANSWER_CHARS
     assert sum(e.target[:200] in e.prompt for e in examples[:500]) < 10  # sources are other answers, not a copy
+    assert not any(e.target.startswith(("These resources address", "Key Points", "What are")) for e in examples)
+
+
+def test_education_targets_drop_page_furniture_and_resource_lists():
+    from assistant.train_data_text import education_target
+
+    answer = "What are the signs and symptoms of Gout? Key Points - Gout is a kind of arthritis. It hurts."
+    assert education_target(answer) == "Gout is a kind of arthritis. It hurts."
+    assert education_target("These resources address the diagnosis of gout: - MedlinePlus") == ""
+    assert education_target("What are the signs of 16p13.3 deletion? The Human Phenotype Ontology provides a list") == ""
+    assert education_target("Gout hurts. Is it bad? Yes.") == "Gout hurts. Is it bad? Yes."
+    assert education_target("Is it inherited? " + "Yes. " * 300).startswith("Yes.")
+    assert len(education_target("Gout hurts. " * 300)) <= 800
 
 
 # ---- truly paired layouts (tiny fixtures that mimic them) ---------------------------------------
