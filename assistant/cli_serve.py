@@ -1,4 +1,5 @@
-"""`python -m assistant export-adapter`: a trained adapter in a form serving engines load.
+"""`python -m assistant export-adapter`: a trained adapter in a form serving engines load;
+`python -m assistant build-shortlist`: the output-vocabulary shortlist fast decoding drafts over.
 
 `--format peft` writes the LoRA for vLLM (`--enable-lora --lora-modules NAME=DIR`) next to a note
 of the base model folder to serve; `--format merged-gguf` merges it into the base GGUF for
@@ -26,6 +27,13 @@ def add_commands(commands) -> None:
                         help="the base model's GGUF (default: the built-in LLM's packaged GGUF)")
     add_model_options(export)  # --adapter (required here), --llm, --config, --set
     export.set_defaults(handler=run_export)
+
+    shortlist = commands.add_parser("build-shortlist", help="the token ids our training text uses: fast greedy "
+                                    "decoding drafts over them and checks every draft against the whole vocabulary")
+    shortlist.add_argument("--out", default="adapters/vocab-shortlist", metavar="DIR", help="folder to write")
+    shortlist.add_argument("--llm", default=None, help="local HF model folder (default: the built-in LLM)")
+    shortlist.add_argument("--debug", action="store_true", help="show full tracebacks")
+    shortlist.set_defaults(handler=run_build_shortlist)
 
 
 def run_export(args) -> int:
@@ -60,4 +68,27 @@ def _export_peft(config, out: Path) -> int:
     print(f"serve it: vllm serve {hf_folder} --enable-lora --max-lora-rank {rank} "
           f"--lora-modules {adapter.name}={out.resolve()}")
     print(f"then: --llm-backend openai --base-url http://127.0.0.1:8000/v1 --served-model {adapter.name}")
+    return 0
+
+
+def run_build_shortlist(args) -> int:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from .base_models import resolve_llm_dir
+    from .config import DEFAULT_LLM
+    from .vocab_shortlist import build, save
+
+    folder = resolve_llm_dir(args.llm or DEFAULT_LLM)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    config = AutoConfig.from_pretrained(str(folder))
+    vocab_size = getattr(config.get_text_config(), "vocab_size", None) or len(tokenizer)
+    eos = GenerationConfig.from_pretrained(str(folder)).eos_token_id if (folder / "generation_config.json").is_file() \
+        else tokenizer.eos_token_id
+    eos_ids = eos if isinstance(eos, (list, tuple)) else [eos]
+    ids, meta = build(tokenizer, vocab_size, [i for i in eos_ids if i is not None])
+    meta["llm"] = args.llm or DEFAULT_LLM
+    save(Path(args.out), ids, meta)
+    coverage = meta["held_out_coverage"]
+    print(f"{meta['tokens']} of {vocab_size} tokens written to {args.out}; held-out target tokens in it: "
+          f"{coverage['in_shortlist']}/{coverage['target_tokens']} ({coverage['fraction']:.2%})")
     return 0

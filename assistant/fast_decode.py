@@ -2,18 +2,20 @@
 
 Why: plain `generate` spends most of each step in Python and in torch's bf16 matrix-vector kernel,
 which reads the 262k x 640 output matrix at ~11 GB/s on our 2-core CPU while the memory bus gives
-~30 GB/s. Here the whole token step (embedding, 18 decoder layers, final norm, output matrix,
+20-30 GB/s. Here the whole token step (embedding, 18 decoder layers, final norm, output rows,
 repetition penalty, argmax) is one `torch.compile` graph: Inductor fuses each matrix-vector product
-into a vectorised reduction that streams the bf16 weights near memory speed, and the KV cache is a
-preallocated buffer indexed by position (no per-step allocation or concatenation).
+into a vectorised reduction that streams the bf16 weights, and the KV cache is a preallocated
+buffer indexed by position (no per-step allocation or concatenation). Greedy steps score only a
+shortlist of the output rows, checked against all of them (assistant.fast_check).
 
 The math follows transformers' Gemma 3 (RMSNorm with 1 + weight in fp32, q/k norms, two RoPE
-tables, sliding-window layers, embedding scale, tied output matrix) with LoRA merged into the
-weights; logits are rounded to the model dtype like the reference path before the penalty and
-argmax. Greedy tokens match `generate`'s in the tests (tests/test_fast_decode.py); on the real bf16
-model the merged LoRA rounds differently from peft's unmerged path, so a near-tie can flip (the
-generation benchmark reports where). Prefill, including image tokens, runs through the Hugging Face
-model once; its cache is copied in.
+tables, sliding-window layers, embedding scale, tied output matrix) and peft's LoRA, computed beside
+the base matrices with peft's roundings rather than merged into them (a merged bf16 weight rounds
+differently, and a near-tie then flips a token). Every product sums in fp32 and is rounded to the
+model dtype, like the reference path; only the order of the fp32 sums differs. Greedy tokens match
+`generate`'s in the tests (tests/test_fast_decode.py); the generation benchmark measures agreement
+on the real model over held-out prompts. Prefill, including image tokens, runs through the Hugging
+Face model once; its cache is copied in.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ from collections.abc import Iterator
 
 import torch
 
-CACHE_BLOCK = 256  # the KV cache grows (and attention reads) in blocks of this many positions
+from .fast_check import DRAFT_TOKENS, Shortlist, VocabularyCheck, rows_of
+from .fast_weights import (LORA_TENSORS, DecoderShape, DecoderWeights, FastDecodeUnsupported, LoraLayout,
+                           decoder_weights, rope_tables)
+
+CACHE_BLOCK = 128  # attention reads the cache up to the next multiple of this (a smaller block reads
+# fewer stale slots; every span shares one dynamic graph)
 # Inductor options for the step. realize_opcount_threshold=0 stores each normalised activation
 # vector before the matrix-vector product that reads it: by default Inductor inlines the RMSNorm
 # (and even the embedding lookup) into the product's loop and recomputes it for every weight row.
@@ -32,122 +39,6 @@ CACHE_BLOCK = 256  # the KV cache grows (and attention reads) in blocks of this 
 COMPILE_OPTIONS = {"realize_opcount_threshold": 0, "emulate_precision_casts": True}
 # The cache holds bf16 values in fp32 so attention's matmuls read it as is (no converted copy).
 CACHE_DTYPE = torch.float32
-
-
-class FastDecodeUnsupported(ValueError):
-    """The model is not one this decoder implements (it then falls back to `generate`)."""
-
-
-@dataclasses.dataclass
-class LayerWeights:
-    qkv: torch.Tensor  # q, k and v projections stacked: one matrix-vector product
-    o: torch.Tensor
-    gate_up: torch.Tensor  # gate and up projections stacked
-    down: torch.Tensor
-    norms: torch.Tensor  # (6, dims) fp32 scales 1 + w: input, post-attn, pre-ff, post-ff (hidden), q, k (head)
-
-
-@dataclasses.dataclass
-class DecoderWeights:
-    embed: torch.Tensor  # (vocab, hidden) in the model dtype, also the output matrix (tied)
-    layers: list[LayerWeights]
-    final_norm: torch.Tensor
-
-    def tensors(self) -> list[torch.Tensor]:
-        out = [self.embed, self.final_norm]
-        for layer in self.layers:
-            out += [layer.qkv, layer.o, layer.gate_up, layer.down, layer.norms]
-        return out
-
-    def bytes_per_token(self) -> int:
-        """Weight bytes one step streams: every layer matrix and norm, and the whole tied output
-        matrix once (the embedding lookup reads one row of it)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderShape:
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    layers: int
-    sliding: tuple[bool, ...]
-    window: int
-    eps: float
-    scaling: float
-    embed_scale: float
-    vocab: int
-    rope_theta_local: float
-    rope_theta_global: float
-
-    @classmethod
-    def from_config(cls, config) -> "DecoderShape":
-        if getattr(config, "model_type", "") not in ("gemma3_text",):
-            raise FastDecodeUnsupported(f"fast decoding implements Gemma 3 text models, not {config.model_type!r}")
-        if config.final_logit_softcapping or config.attn_logit_softcapping:
-            raise FastDecodeUnsupported("fast decoding does not implement logit soft-capping")
-        rope = config.rope_parameters
-        if any(rope[kind].get("rope_type", "default") != "default" for kind in rope):
-            raise FastDecodeUnsupported("fast decoding implements default RoPE only")
-        return cls(hidden=config.hidden_size, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-                   head_dim=config.head_dim, intermediate=config.intermediate_size,
-                   layers=config.num_hidden_layers,
-                   sliding=tuple(kind == "sliding_attention" for kind in config.layer_types),
-                   window=config.sliding_window, eps=config.rms_norm_eps,
-                   scaling=config.query_pre_attn_scalar ** -0.5, embed_scale=config.hidden_size ** 0.5,
-                   vocab=config.vocab_size, rope_theta_local=rope["sliding_attention"]["rope_theta"],
-                   rope_theta_global=rope["full_attention"]["rope_theta"])
-
-
-def merged_weights(text_model, adapter: str | None = None) -> DecoderWeights:
-    """Copies of a Gemma3TextModel's weights in the decoding layout, with peft LoRA `adapter` merged
-    in fp32 (None: the base weights). The model itself is never modified: merging and unmerging in
-    place would leave bf16 rounding drift in the shared base weights."""
-    dtype = text_model.embed_tokens.weight.dtype
-
-    def matrix(module) -> torch.Tensor:
-        if hasattr(module, "base_layer"):  # a peft LoRA layer
-            weight = module.base_layer.weight.detach().float()
-            if adapter is not None and adapter in getattr(module, "lora_A", {}):
-                weight = weight + module.get_delta_weight(adapter).float()
-            return weight.to(dtype)
-        return module.weight.detach().to(dtype)
-
-    def scale(norm) -> torch.Tensor:
-        return 1.0 + norm.weight.detach().float()
-
-    layers = []
-    for layer in text_model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        hidden_norms = [scale(n) for n in (layer.input_layernorm, layer.post_attention_layernorm,
-                                           layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm)]
-        head_norms = [scale(attn.q_norm), scale(attn.k_norm)]
-        width = max(hidden_norms[0].numel(), head_norms[0].numel())
-        norms = torch.ones(6, width)
-        for row, values in enumerate(hidden_norms + head_norms):
-            norms[row, : values.numel()] = values
-        layers.append(LayerWeights(
-            qkv=torch.cat([matrix(attn.q_proj), matrix(attn.k_proj), matrix(attn.v_proj)]).contiguous(),
-            o=matrix(attn.o_proj).contiguous(),
-            gate_up=torch.cat([matrix(mlp.gate_proj), matrix(mlp.up_proj)]).contiguous(),
-            down=matrix(mlp.down_proj).contiguous(), norms=norms))
-    return DecoderWeights(embed=text_model.embed_tokens.weight.detach().to(dtype), layers=layers,
-                          final_norm=scale(text_model.norm))
-
-
-def rope_tables(shape: DecoderShape, positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2, positions, head_dim) cos and sin, row 0 for sliding layers and row 1 for global ones,
-    computed like transformers (fp32 angles, then the model's dtype)."""
-    def table(theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float) / shape.head_dim))
-        angles = torch.arange(positions, dtype=torch.float)[:, None] * inv_freq
-        emb = torch.cat([angles, angles], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    local, global_ = table(shape.rope_theta_local), table(shape.rope_theta_global)
-    return torch.stack([local[0], global_[0]]), torch.stack([local[1], global_[1]])
 
 
 # ---- the token step (traced by torch.compile) -----------------------------------------------------
@@ -168,15 +59,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def decode_step(shape: DecoderShape, weights: list[torch.Tensor], token: torch.Tensor, position: torch.Tensor,
-                keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                seen: torch.Tensor, penalty: torch.Tensor | float) -> tuple[torch.Tensor, ...]:
-    """One token at `position`: (bf16-rounded fp32 logits after the repetition penalty, greedy next
-    token, the token's keys and values (layers, kv_heads, head_dim) for the caller to store).
+def decode_step(shape: DecoderShape, layout: LoraLayout, weights: list[torch.Tensor], head: torch.Tensor, token: torch.Tensor,
+                position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> tuple[torch.Tensor, ...]:
+    """One token at `position`: (bf16-rounded fp32 logits over the rows of `head` after the
+    repetition penalty, the greedy row, the token's keys and values (layers, kv_heads, head_dim) for
+    the caller to store, the final normalised hidden state (1, hidden)).
 
+    `weights`: `DecoderWeights.tensors()`, laid out by `layout`.
+    `head`: the output matrix, the whole embedding or a shortlist of its rows (`Shortlist`).
     `keys`/`values` (layers, kv_heads, span, head_dim): cache views holding positions < `position`;
-    they are only read (no input mutation, so the graph has no copy-back). `seen`: bool (vocab,)
-    marking the tokens the penalty applies to."""
+    they are only read (no input mutation, so the graph has no copy-back). `seen`: bool, one per
+    row of `head`, marking the tokens the penalty applies to."""
     embed, final_norm = weights[0], weights[1]
     span = keys.shape[2]
     h = embed[token] * torch.tensor(shape.embed_scale, dtype=embed.dtype)  # (1, hidden), the weights' dtype
@@ -186,14 +80,18 @@ def decode_step(shape: DecoderShape, weights: list[torch.Tensor], token: torch.T
     q_size, kv_size = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     group = shape.heads // shape.kv_heads
     new_keys, new_values = [], []
+    cursor = 2
     for index in range(shape.layers):
-        qkv, o, gate_up, down, norms = weights[2 + 5 * index: 7 + 5 * index]
+        qkv, o, gate_up, down, norms = weights[cursor: cursor + 5]
+        lora = weights[cursor + 5: cursor + 5 + LORA_TENSORS] if layout.layers[index] else None
+        cursor += 5 + (LORA_TENSORS if lora else 0)
         hidden_norm, head_norm = norms[:, : shape.hidden], norms[:, : shape.head_dim]
         x = _rms_norm(h, hidden_norm[0], shape.eps)
         mixed = _matvec(qkv, x)
-        q = mixed[..., :q_size].view(shape.heads, shape.head_dim)
-        k = mixed[..., q_size: q_size + kv_size].view(shape.kv_heads, shape.head_dim)
-        v = mixed[..., q_size + kv_size:].view(shape.kv_heads, shape.head_dim)
+        q, k, v = mixed[..., :q_size], mixed[..., q_size: q_size + kv_size], mixed[..., q_size + kv_size:]
+        if lora:
+            q, k, v = (_with_lora(out, x, lora, module) for module, out in enumerate((q, k, v)))
+        q, k, v = q.view(shape.heads, shape.head_dim), k.view(shape.kv_heads, shape.head_dim), v.view(shape.kv_heads, shape.head_dim)
         table = 0 if shape.sliding[index] else 1
         c, s = cos[table].index_select(0, position), sin[table].index_select(0, position)
         q = _rotate(_rms_norm(q, head_norm[4], shape.eps), c, s)
@@ -202,15 +100,31 @@ def decode_step(shape: DecoderShape, weights: list[torch.Tensor], token: torch.T
         new_values.append(v)
         attended = _attend(q, k, v, keys[index], values[index], local_earlier if shape.sliding[index] else earlier,
                            group, shape.scaling).reshape(1, q_size)
-        h = h + _rms_norm(_matvec(o, attended), hidden_norm[1], shape.eps)
+        projected = _matvec(o, attended)
+        if lora:
+            projected = _with_lora(projected, attended, lora, 3)
+        h = h + _rms_norm(projected, hidden_norm[1], shape.eps)
         x = _rms_norm(h, hidden_norm[2], shape.eps)
         gu = _matvec(gate_up, x)
         gate, up = gu[..., : shape.intermediate], gu[..., shape.intermediate:]
+        if lora:
+            gate, up = _with_lora(gate, x, lora, 4), _with_lora(up, x, lora, 5)
         act = torch.nn.functional.gelu(gate.float(), approximate="tanh").to(up.dtype) * up
-        h = h + _rms_norm(_matvec(down, act), hidden_norm[3], shape.eps)
+        down_out = _matvec(down, act)
+        if lora:
+            down_out = _with_lora(down_out, act, lora, 6)
+        h = h + _rms_norm(down_out, hidden_norm[3], shape.eps)
     h = _rms_norm(h, final_norm, shape.eps)
-    logits = _penalise(_matvec(embed, h[0]).float(), seen, penalty)  # bf16-rounded like the reference
-    return logits, logits.argmax(), torch.stack(new_keys), torch.stack(new_values)
+    logits = _penalise(_matvec(head, h[0]).float(), seen, penalty)  # bf16-rounded like the reference
+    return logits, logits.argmax(), torch.stack(new_keys), torch.stack(new_values), h
+
+
+def _with_lora(out: torch.Tensor, x: torch.Tensor, lora: list[torch.Tensor], module: int) -> torch.Tensor:
+    """`out` (the base projection of `x`) plus LoRA module `module`'s term, rounded as peft does in
+    the model dtype: B (A x) rounded, times the scaling rounded, then the sum rounded."""
+    a, b, scaling = lora[2 * module], lora[2 * module + 1], lora[-1][module]
+    term = (_matvec(b, _matvec(a, x)).float() * scaling).to(out.dtype)
+    return (out.float() + term.float()).to(out.dtype)
 
 
 def _attend(q, k, v, cached_keys, cached_values, visible, group: int, scaling: float) -> torch.Tensor:
@@ -228,32 +142,58 @@ def _attend(q, k, v, cached_keys, cached_values, visible, group: int, scaling: f
 
 
 # ---- the decoder ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DecodeStats:
+    """What one sequence's decoding read: compiled steps, the rows of the output matrix each step
+    scored, and whole-vocabulary checks (each one pass over the output matrix)."""
+    tokens: int = 0
+    steps: int = 0
+    head_rows: int = 0
+    checks: int = 0
+    rejected: int = 0  # drafts a check replaced (their steps' work is wasted)
+
+
 class FastDecoder:
     """Greedy or sampled decoding of one sequence with the compiled token step.
 
-    `weights_for(task)` builds (once per adapter) the merged weights; every task shares one compiled
-    graph because the weights are graph inputs, not constants."""
+    Greedy decoding with a `shortlist` drafts up to DRAFT_TOKENS tokens scoring only the shortlist's
+    rows of the 262k-row output matrix (62% of the model's bytes), then checks all of them against
+    the whole vocabulary in one pass over the matrix (`VocabularyCheck`: one product for all the
+    drafts' hidden states) and keeps the drafts up to the first one the check disagrees with,
+    replaced by the checked token. The output is therefore the whole-vocabulary greedy output, token for token:
+    a token outside the shortlist costs a redrafted round, never a different answer. Sampling
+    scores every row at every step.
 
-    def __init__(self, text_model, max_positions: int = 4096, compile: bool = True):
+    `weights_for(adapter)` builds (once per adapter) the weights; every adapter shares one compiled
+    graph because the weights and the output rows are graph inputs, not constants."""
+
+    def __init__(self, text_model, max_positions: int = 4096, compile: bool = True,
+                 shortlist: Shortlist | None = None):
         self.shape = DecoderShape.from_config(text_model.config)
         self.text_model = text_model
         self.max_positions = max_positions
+        self.shortlist = shortlist
+        self.lora_layout = LoraLayout.of(text_model)
         self.cos, self.sin = rope_tables(self.shape, max_positions, text_model.embed_tokens.weight.dtype)
         self._weights: dict[str | None, DecoderWeights] = {}
         self._weights_lock = threading.Lock()
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cache_lock = threading.Lock()  # one sequence at a time owns the cache
+        self.last_stats = DecodeStats()
+        # The output matrix is the tied embedding, which no adapter changes: one check serves all.
+        self.check = VocabularyCheck(text_model.embed_tokens.weight.detach())
         step = self._eager_step
         self._step = torch.compile(step, dynamic=None, options=COMPILE_OPTIONS) if compile else step
 
-    def _eager_step(self, weights, token, position, keys, values, cos, sin, seen, penalty):
-        return decode_step(self.shape, weights, token, position, keys, values, cos, sin, seen, penalty)
+    def _eager_step(self, weights, head, token, position, keys, values, cos, sin, seen, penalty):
+        return decode_step(self.shape, self.lora_layout, weights, head, token, position, keys, values, cos, sin,
+                           seen, penalty)
 
     def weights_for(self, adapter: str | None) -> DecoderWeights:
         with self._weights_lock:
             if adapter not in self._weights:
                 with torch.no_grad():
-                    self._weights[adapter] = merged_weights(self.text_model, adapter)
+                    self._weights[adapter] = decoder_weights(self.text_model, adapter, self.lora_layout)
             return self._weights[adapter]
 
     def cache(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,10 +217,13 @@ class FastDecoder:
             values[index, :, length - held: length] = layer.values[0]
 
     def warm_up(self, adapter: str | None) -> None:
-        """Compile the token step (one graph for every span) on a throwaway token."""
+        """Compile the token step (one graph for every span and every number of output rows) on a
+        throwaway token, with the shortlist's rows when there is one (the rows greedy decoding scores)."""
         with self._cache_lock, torch.inference_mode():
-            seen = torch.zeros(self.shape.vocab, dtype=torch.bool)
-            self._advance(self.weights_for(adapter).tensors(), torch.tensor(0), 1, seen, 1.0)
+            weights = self.weights_for(adapter)
+            head = rows_of(weights.embed, self.shortlist.ids) if self.shortlist is not None else weights.embed
+            seen = torch.zeros(head.shape[0], dtype=torch.bool)
+            self._advance(weights.tensors(), head, torch.tensor(0), 1, seen, 1.0)
 
     def fits(self, prompt_length: int, max_new_tokens: int) -> bool:
         return prompt_length + max_new_tokens <= self.max_positions
@@ -288,44 +231,106 @@ class FastDecoder:
     def decode(self, adapter: str | None, past_key_values, prompt_ids: torch.Tensor, first_logits: torch.Tensor,
                max_new_tokens: int, penalty: float = 1.0, temperature: float = 0.0,
                eos_ids: tuple[int, ...] = (), generator: torch.Generator | None = None) -> Iterator[int]:
-        """Yield new token ids: the first from the prefill's last logits, then one compiled step each.
-        Stops after an EOS id (not yielded) or `max_new_tokens`."""
+        """Yield new token ids: the first from the prefill's last logits, then from compiled steps.
+        Stops after an EOS id (not yielded) or `max_new_tokens`. `last_stats` tells what it read."""
         length = prompt_ids.numel()
         if not self.fits(length, max_new_tokens):
             raise ValueError(f"prompt of {length} tokens + {max_new_tokens} new exceeds {self.max_positions} positions")
-        weights = self.weights_for(adapter).tensors()
+        weights = self.weights_for(adapter)
         with self._cache_lock:
-            keys, values = self.cache()
+            self.last_stats = DecodeStats()
             with torch.inference_mode():
                 self.load_prefill(past_key_values, length)
                 seen = torch.zeros(self.shape.vocab, dtype=torch.bool)
                 seen[prompt_ids.flatten()] = True
                 logits = _penalise(first_logits.float(), seen, penalty)  # the model dtype's values, like generate
                 token = _choose(logits, logits.argmax(), temperature, generator)
-            for produced in range(max_new_tokens):
+            if temperature <= 0 and self.shortlist is not None:
+                tokens = self._checked_drafts(weights, token, length, seen, penalty, max_new_tokens, eos_ids, prompt_ids)
+            else:
+                tokens = self._every_row(weights, token, length, seen, penalty, temperature, generator)
+            for produced, token in enumerate(tokens, start=1):
                 if int(token) in eos_ids:
                     return
+                self.last_stats.tokens = produced
                 yield int(token)
-                if produced + 1 == max_new_tokens:
+                if produced == max_new_tokens:
                     return
-                with torch.inference_mode():  # per step, never across a yield (the mode is thread state)
-                    seen[token] = True
-                    logits, greedy = self._advance(weights, token, length + produced, seen, penalty)
-                    token = _choose(logits, greedy, temperature, generator)
 
-    def _advance(self, weights, token, position: int, seen, penalty: float):
-        """Run the step for `token` at `position` and store its keys and values."""
+    def _every_row(self, weights, token, position, seen, penalty, temperature, generator) -> Iterator[torch.Tensor]:
+        """The token, then one step per token scoring the whole vocabulary (endless: `decode` stops it)."""
+        tensors = weights.tensors()
+        while True:
+            yield token
+            with torch.inference_mode():  # per step, never across a yield (the mode is thread state)
+                seen[token] = True
+                logits, greedy, _ = self._advance(tensors, weights.embed, token, position, seen, penalty)
+                token = _choose(logits, greedy, temperature, generator)
+            position += 1
+            self.last_stats.steps += 1
+            self.last_stats.head_rows += self.shape.vocab
+
+    def _checked_drafts(self, weights, token, position, seen, penalty, max_new_tokens, eos_ids,
+                        prompt_ids) -> Iterator[torch.Tensor]:
+        """The token, then rounds of drafted-and-checked greedy tokens (see the class docstring)."""
+        rows = self.shortlist.for_prompt(prompt_ids)
+        head = rows_of(weights.embed, rows)
+        ready, produced = [token], 0
+        while ready:
+            token = ready.pop(0)
+            yield token
+            produced += 1
+            if not ready and produced < max_new_tokens and int(token) not in eos_ids:
+                with torch.inference_mode():
+                    ready = self._round(weights, head, rows, token, position, seen, penalty,
+                                        min(DRAFT_TOKENS, max_new_tokens - produced), eos_ids)
+                position += len(ready)  # the steps kept fed the token and all but the last checked one
+
+    def _round(self, weights, head, rows, token, position, seen, penalty, steps, eos_ids) -> list[torch.Tensor]:
+        """Draft up to `steps` tokens from `token` at `position` over the shortlist rows, check them in
+        one pass over the whole output matrix, and return the checked tokens: the drafts up to the
+        first wrong one, then the right token in its place. `seen` ends holding the kept steps' tokens."""
+        tensors, fed, drafts, hidden = weights.tensors(), token, [], []
+        seen[token] = True
+        before = seen.clone()  # the penalty's tokens at the round's first step
+        for offset in range(steps):
+            seen[fed] = True
+            _, best, h = self._advance(tensors, head, fed, position + offset, seen[rows], penalty)
+            fed = rows[best]
+            drafts.append(fed)
+            hidden.append(h)
+            if int(fed) in eos_ids:
+                break
+        fed_ids = torch.stack([token, *drafts[:-1]])  # the token each step was fed
+        earlier = before.nonzero().flatten()
+        penalised = [torch.cat([earlier, fed_ids[1: state + 1]]) for state in range(len(drafts))]
+        checked = self.check.greedy(torch.cat(hidden), penalised, penalty)
+        wrong = (checked != torch.stack(drafts)).nonzero()
+        kept = int(wrong[0]) + 1 if len(wrong) else len(drafts)
+        seen.copy_(before)
+        seen[fed_ids[:kept]] = True  # the kept steps' tokens; the next round feeds the last checked one
+        stats = self.last_stats
+        stats.steps, stats.head_rows = stats.steps + len(drafts), stats.head_rows + len(drafts) * rows.numel()
+        stats.checks, stats.rejected = stats.checks + 1, stats.rejected + len(drafts) - kept
+        return list(checked[:kept])
+
+    def _advance(self, weights, head, token, position: int, seen, penalty: float):
+        """Run the step for `token` at `position`, scoring the rows of `head`, and store its keys and
+        values: (logits, greedy row, final hidden state)."""
         keys, values = self.cache()
         span = min(self.max_positions, max(1, -(-position // CACHE_BLOCK)) * CACHE_BLOCK)
         past_keys, past_values = keys[:, :, :span], values[:, :, :span]
-        torch._dynamo.mark_dynamic(past_keys, 2)  # one graph for every span
-        torch._dynamo.mark_dynamic(past_values, 2)
-        logits, greedy, new_keys, new_values = self._step(weights, token.view(1), torch.tensor([position]),
-                                                          past_keys, past_values, self.cos, self.sin, seen,
-                                                          torch.tensor(float(penalty)))  # a tensor: no recompile per value
+        # A fresh view: marking `head` itself would mark the embedding when it is the whole matrix
+        # (also weights[0], compiled unmarked), and the next call would recompile.
+        head = head.view(head.shape)
+        for tensor, dim in ((past_keys, 2), (past_values, 2), (head, 0), (seen, 0)):
+            torch._dynamo.mark_dynamic(tensor, dim)  # one graph for every span and row count
+        logits, greedy, new_keys, new_values, hidden = self._step(
+            weights, head, token.view(1), torch.tensor([position]), past_keys, past_values, self.cos, self.sin,
+            seen, torch.tensor(float(penalty)))  # a tensor: no recompile per value
         keys[:, :, position] = new_keys
         values[:, :, position] = new_values
-        return logits, greedy
+        return logits, greedy, hidden
 
 
 def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from .config import GenerationConfig
+from .fast_check import Shortlist
 from .fast_decode import FastDecoder, FastDecodeUnsupported
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class FastGeneration:
     def _warm(self) -> None:
         try:
             text_model = self.vlm._base_model().model.language_model
-            decoder = FastDecoder(text_model, self.max_positions, compile=self.compile)
+            decoder = FastDecoder(text_model, self.max_positions, compile=self.compile,
+                                  shortlist=self._shortlist(text_model.config.vocab_size))
             adapters = self.vlm.adapter_names()
             for adapter in adapters:
                 decoder.weights_for(adapter)  # merge each LoRA once, before the first request
@@ -57,6 +59,20 @@ class FastGeneration:
         except Exception as err:  # a compile failure must never take generation down: generate() remains
             self.failure = f"{type(err).__name__}: {err}"
             log.warning("fast decoding unavailable, using transformers generate: %s", self.failure)
+
+    def _shortlist(self, vocab_size: int) -> Shortlist | None:
+        """The configured vocabulary shortlist, or None (every row scored) when unset or unusable."""
+        from .model import repo_path
+        from .vocab_shortlist import ShortlistError, load
+
+        path = self.vlm.config.generation.shortlist
+        if not path:
+            return None
+        try:
+            return Shortlist(load(repo_path(path), vocab_size))
+        except ShortlistError as err:
+            log.warning("fast decoding scores every output row: %s", err)
+            return None
 
     def usable(self, inputs: dict[str, torch.Tensor], gen: GenerationConfig) -> bool:
         ids = inputs["input_ids"]

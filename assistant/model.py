@@ -340,7 +340,7 @@ def resolve_adapter(config: AssistantConfig) -> Path | None:
         return None
     if config.adapter == DEFAULT_ADAPTER and not _built_in_architecture(config):
         return None
-    return _repo_path(config.adapter)
+    return repo_path(config.adapter)
 
 
 def resolve_task_adapters(config: AssistantConfig) -> dict[str, Path | None]:
@@ -352,11 +352,13 @@ def resolve_task_adapters(config: AssistantConfig) -> dict[str, Path | None]:
     folders = {}
     for task, path in dataclasses.asdict(config.task_adapters).items():
         shipped = path == getattr(defaults, task)
-        folders[task] = _repo_path(path) if path and not (shipped and not _built_in_architecture(config)) else None
+        folders[task] = repo_path(path) if path and not (shipped and not _built_in_architecture(config)) else None
     return folders
 
 
-def _repo_path(path: str) -> Path:
+def repo_path(path: str) -> Path:
+    """A shipped artefact's folder: as given when it exists or is absolute, else under the
+    repository root (so adapters/... resolves from any working directory)."""
     folder = Path(path).expanduser()
     if not folder.is_absolute() and not folder.exists():
         folder = Path(__file__).resolve().parents[1] / folder

@@ -8,12 +8,16 @@ Measures, greedy and on a fixed prompt (the 966_fixed chest DICOM + "cough"):
   (bytes read per token = every language-model weight in the runtime dtype, the tied 262k x 640
   embedding once, as lm_head), and achieved / bound;
 - the same decode on plain transformers (bf16 and fp32), without the LLaVA wrapper;
-- the fast path (assistant.fast_decode, compiled): decode tokens/s, its own bound (its weights plus
-  the KV cache it reads), achieved / bound, and whether its greedy tokens equal the reference's;
+- the fast path (assistant.fast_decode, compiled) in both modes, as served (greedy drafts over the
+  vocabulary shortlist, checked against the whole vocabulary) and scoring every output row at every
+  step: decode tokens/s, the bytes its steps and checks read per token and the bound they put on
+  it, achieved / bound, the longest wait between two tokens, whether its greedy tokens equal the
+  reference's; and greedy agreement with `generate` over held-out report prompts;
 - llama.cpp (llama-cpp-python, an optional extra) on the packaged Q4_K_M GGUF of the same base
   model, same 2 threads, with the fast path's ratio to it.
 
     .venv/bin/python benchmarks/generation.py [--runs 5] [--tokens 64] [--e2e-runs 3] [--no-reference]
+                                              [--agreement-prompts 20]
 
 Writes benchmarks/results/generation.json and generation.md. Decoding is memory-bound, so a busy
 machine distorts the numbers: the load average before and after is recorded with them.
@@ -95,13 +99,14 @@ def decode_runs(model, inputs: dict, tokens: int, runs: int, pad_token_id: int |
 
 
 def prefill_seconds(model, inputs: dict, runs: int) -> float:
-    """One forward pass over the whole study prompt (vision tower + projector + LLM), median."""
+    """One forward pass over the whole study prompt (vision tower + projector + LLM) as generation
+    runs it (logits of the last position only), median."""
     seconds = []
     with torch.inference_mode():
-        model(**inputs, use_cache=True)  # warm-up
+        model(**inputs, use_cache=True, logits_to_keep=1)  # warm-up
         for _ in range(runs):
             start = time.perf_counter()
-            model(**inputs, use_cache=True)
+            model(**inputs, use_cache=True, logits_to_keep=1)
             seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 
@@ -161,15 +166,74 @@ def decode_bytes(language_model, lm_head) -> dict:
 
 
 def fast_path(assistant: Assistant, inputs: dict, tokens: int, runs: int, bandwidth_gb_s: float,
-              reference_tokens: list[int]) -> dict:
-    """The compiled decoder on the same study prompt, timed per token (fixed count: no EOS)."""
+              reference: list[int], agreement_prompts: int) -> dict:
+    """The compiled decoder on the same study prompt, as shipped (greedy drafts over the vocabulary
+    shortlist, checked against every row) and scoring every row at every step; then greedy
+    agreement with `generate` over held-out report prompts."""
     vlm = assistant.vlm
     start = time.perf_counter()
     generation = vlm.start_fast_decoding(wait=True)
     if not generation.ready.is_set():
         return {"error": generation.failure}
     compile_s = time.perf_counter() - start
-    decoder, adapter = generation.decoder, vlm.adapter_name("report")
+    shortlist = generation.decoder.shortlist
+    modes = {"every_row": fast_mode(assistant, generation, inputs, tokens, runs, bandwidth_gb_s, reference, None)}
+    if shortlist is not None:
+        modes["shortlist"] = fast_mode(assistant, generation, inputs, tokens, runs, bandwidth_gb_s, reference, shortlist)
+        modes["shortlist"]["tokens_equal_every_row"] = modes["shortlist"]["ids"] == modes["every_row"]["ids"]
+    for mode in modes.values():
+        mode.pop("ids")
+    served = "shortlist" if shortlist is not None else "every_row"
+    result = {"compile_or_cache_load_s": compile_s, "served_mode": served, "modes": modes, **modes[served],
+              "shortlist_rows": int(shortlist.ids.numel()) if shortlist is not None else None}
+    if agreement_prompts:
+        result["drafts"] = drafts_to_eos(assistant, generation, shortlist, agreement_prompts)
+        generation.decoder.shortlist = shortlist
+        result["agreement"] = greedy_agreement(assistant, generation, tokens, agreement_prompts)
+    return result
+
+
+def drafts_to_eos(assistant: Assistant, generation, shortlist, prompts: int) -> dict:
+    """Each fast mode on the first `prompts` held-out report prompts as the app runs them: greedy,
+    stopping at the model's end-of-sequence token or `generation.max_new_tokens`. Fixed-length runs
+    go on past the end of a report into text no report has (out of the shortlist), so this is the
+    speed a clinician sees. Decode rate = tokens after the first / time after the first."""
+    from assistant.evaluate_report import load_studies
+
+    vlm, decoder = assistant.vlm, generation.decoder
+    adapter = vlm.adapter_name("report")
+    gen = dataclasses.replace(assistant.config.generation, temperature=0.0)
+    studies = load_studies("test")[:prompts]
+    modes = {"every_row": None, **({"shortlist": shortlist} if shortlist is not None else {})}
+    result, texts = {}, {}
+    for name, rows in modes.items():
+        decoder.shortlist = rows
+        tokens, seconds, checks, rejected, texts[name] = 0, 0.0, 0, 0, []
+        for study in studies:
+            inputs = vlm.build_inputs(report_prompt([], study.indication))
+            with vlm.adapter_for("report"):
+                stamps, ids = [], []
+                for token in generation.tokens(inputs, gen, adapter):
+                    stamps.append(time.perf_counter())
+                    ids.append(token)
+            tokens, seconds = tokens + len(ids) - 1, seconds + (stamps[-1] - stamps[0] if stamps else 0.0)
+            checks, rejected = checks + decoder.last_stats.checks, rejected + decoder.last_stats.rejected
+            texts[name].append(ids)
+        result[name] = {"new_tokens": tokens + len(studies), "decode_tokens_per_s": tokens / seconds,
+                        "checks": checks, "rejected_drafts": rejected}
+    if "shortlist" in result:
+        result["shortlist"]["tokens_equal_every_row"] = texts["shortlist"] == texts["every_row"]
+    decoder.shortlist = shortlist
+    return {"prompts": prompts, "max_new_tokens": gen.max_new_tokens, "modes": result}
+
+
+def fast_mode(assistant: Assistant, generation, inputs: dict, tokens: int, runs: int, bandwidth_gb_s: float,
+              reference: list[int], shortlist) -> dict:
+    """Timed fixed-length greedy runs (no EOS) of one decoding mode, and the bytes its steps and
+    checks read per token (so its own memory-bandwidth bound)."""
+    vlm, decoder = assistant.vlm, generation.decoder
+    decoder.shortlist = shortlist
+    adapter = vlm.adapter_name("report")
 
     def one(count: int) -> tuple[dict, list[int]]:
         gen = dataclasses.replace(assistant.config.generation, max_new_tokens=count, temperature=0.0)
@@ -179,27 +243,89 @@ def fast_path(assistant: Assistant, inputs: dict, tokens: int, runs: int, bandwi
             for token in generation.tokens(inputs, gen, adapter, eos_ids=()):  # no EOS: a fixed count
                 stamps.append(time.perf_counter())
                 ids.append(token)
-        return {"ttft_s": stamps[0] - begin, "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}, ids
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        return {"ttft_s": stamps[0] - begin, "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                "longest_gap_s": max(gaps)}, ids
 
     one(8)
     samples = [one(tokens) for _ in range(runs)]
     rates = [s["decode_tokens_per_s"] for s, _ in samples]
     ids = samples[0][1]
-    prompt_tokens = int(inputs["input_ids"].shape[1])
-    weight_bytes = decoder.weights_for(adapter).bytes_per_token()
-    span = -(-(prompt_tokens + tokens) // CACHE_BLOCK) * CACHE_BLOCK  # the cache blocks the last steps read
-    shape = decoder.shape
-    cache_bytes = 2 * shape.layers * shape.kv_heads * span * shape.head_dim * decoder.cache()[0].element_size()
-    bound = bandwidth_gb_s * 1e9 / (weight_bytes + cache_bytes)
+    read = bytes_read(decoder, adapter, decoder.last_stats, int(inputs["input_ids"].shape[1]))
+    bound = bandwidth_gb_s * 1e9 / read["bytes_per_token"]
     median = statistics.median(rates)
-    same = next((i for i, (a, b) in enumerate(zip(ids, reference_tokens)) if a != b), None)
-    return {"compile_or_cache_load_s": compile_s, "runs": runs, "new_tokens": tokens,
-            "decode_tokens_per_s_median": median, "decode_tokens_per_s_all": rates,
+    same = next((i for i, (a, b) in enumerate(zip(ids, reference)) if a != b), None)
+    return {"runs": runs, "new_tokens": tokens, "decode_tokens_per_s_median": median, "decode_tokens_per_s_all": rates,
             "ttft_s_median": statistics.median(s["ttft_s"] for s, _ in samples),
-            "bytes_per_token": weight_bytes + cache_bytes, "kv_cache_bytes_read": cache_bytes,
+            "longest_gap_between_tokens_s": max(s["longest_gap_s"] for s, _ in samples), **read,
             "bound_tokens_per_s": bound, "achieved_over_bound": median / bound,
-            "greedy_tokens_equal_reference": same is None and len(ids) == len(reference_tokens),
-            "first_difference_at": same, "compared_tokens": min(len(ids), len(reference_tokens))}
+            "greedy_tokens_equal_reference": same is None and len(ids) == len(reference),
+            "first_difference_at": same, "compared_tokens": min(len(ids), len(reference)), "ids": ids}
+
+
+def bytes_read(decoder, adapter: str | None, stats, prompt_tokens: int) -> dict:
+    """Bytes one decoded token costs, from what the last sequence did (`DecodeStats`): each step
+    reads every layer's weights, one embedding row, the output rows it scores and the KV cache
+    blocks up to its position; each whole-vocabulary check reads the output matrix once."""
+    weights = decoder.weights_for(adapter)
+    row = weights.embed[0].numel() * weights.embed.element_size()
+    matrix = weights.embed.numel() * weights.embed.element_size()
+    layers = weights.bytes_per_token() - matrix
+    shape = decoder.shape
+    per_position = 2 * shape.layers * shape.kv_heads * shape.head_dim * decoder.cache()[0].element_size()
+    spans = [-(-max(1, prompt_tokens + i) // CACHE_BLOCK) * CACHE_BLOCK for i in range(stats.steps)]
+    cache = per_position * sum(spans)
+    total = stats.steps * (layers + row) + stats.head_rows * row + stats.checks * matrix + cache
+    decoded = max(1, stats.tokens - 1)  # the first token comes from the prefill
+    return {"bytes_per_token": total / decoded, "layer_bytes": layers, "output_matrix_bytes": matrix,
+            "kv_cache_bytes_per_token": cache / decoded, "steps": stats.steps, "checks": stats.checks,
+            "rejected_drafts": stats.rejected, "output_rows_per_step": stats.head_rows / max(1, stats.steps)}
+
+
+def greedy_agreement(assistant: Assistant, generation, tokens: int, prompts: int) -> dict:
+    """Greedy tokens of the fast path (as served) against `generate` on the first `prompts` held-out
+    IU test indications (text-only report prompts, the report adapter). Beside it, as a yardstick
+    of how far two correct bf16 implementations drift apart, `generate` with transformers' eager
+    attention against `generate` with its default (SDPA): the same model, another summation order."""
+    from assistant.evaluate_report import load_studies
+
+    vlm = assistant.vlm
+    adapter = vlm.adapter_name("report")
+    gen = dataclasses.replace(assistant.config.generation, max_new_tokens=tokens, temperature=0.0)
+    studies = load_studies("test")[:prompts]
+    fast, yardstick = [], []
+    for study in studies:
+        inputs = vlm.build_inputs(report_prompt([], study.indication))
+        expected = reference_tokens(vlm, inputs, tokens)
+        with vlm.adapter_for("report"):
+            fast.append(first_difference(list(generation.tokens(inputs, gen, adapter, eos_ids=())), expected))
+        yardstick.append(first_difference(with_attention(vlm, "eager", lambda: reference_tokens(vlm, inputs, tokens)),
+                                          expected))
+    return {"prompts": prompts, "tokens_each": tokens,
+            "prompt_source": "first IU X-ray test studies' indications, text-only report prompt, report adapter",
+            "fast_vs_generate": agreement_summary(fast, tokens),
+            "eager_attention_vs_generate": agreement_summary(yardstick, tokens)}
+
+
+def first_difference(got: list[int], expected: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+
+
+def agreement_summary(firsts: list[int], tokens: int) -> dict:
+    return {"identical": sum(f >= tokens for f in firsts), "tokens_before_first_difference_mean": statistics.mean(firsts),
+            "tokens_before_first_difference_median": statistics.median(firsts),
+            "tokens_before_first_difference_min": min(firsts)}
+
+
+def with_attention(vlm, implementation: str, run):
+    """`run()` with the HF model's attention switched to `implementation`, then switched back."""
+    model = vlm._base_model()
+    before = model.config._attn_implementation
+    model.set_attn_implementation(implementation)
+    try:
+        return run()
+    finally:
+        model.set_attn_implementation(before)
 
 
 def reference_tokens(vlm, inputs: dict, tokens: int) -> list[int]:
@@ -279,8 +405,18 @@ def environment() -> dict:
     from importlib import metadata
 
     return {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "transformers": metadata.version("transformers"),
             "torch_threads": torch.get_num_threads()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (bf16 speed depends on its vector units: see cpu_capability)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -299,10 +435,12 @@ def run(args: argparse.Namespace) -> dict:
     rss_vlm = peak_rss_mb()
     bandwidth = memory_bandwidth()
     reference = reference_tokens(vlm, inputs, args.tokens)
-    fast = fast_path(assistant, inputs, args.tokens, args.runs, bandwidth["best_read_gb_s"], reference)
+    fast = fast_path(assistant, inputs, args.tokens, args.runs, bandwidth["best_read_gb_s"], reference,
+                     args.agreement_prompts)
     llama = llama_cpp_decode(report_prompt([], INDICATION), args.tokens, args.runs, bandwidth["best_read_gb_s"])
     if "decode_tokens_per_s_median" in fast and "decode_tokens_per_s_median" in llama:
-        fast["over_llama_cpp"] = fast["decode_tokens_per_s_median"] / llama["decode_tokens_per_s_median"]
+        for mode in (fast, *fast["modes"].values()):
+            mode["over_llama_cpp"] = mode["decode_tokens_per_s_median"] / llama["decode_tokens_per_s_median"]
     base = vlm._base_model()
     model_bytes = decode_bytes(base.model.language_model, base.lm_head)
     bound = bandwidth["best_read_gb_s"] * 1e9 / model_bytes["bytes_per_token"]
@@ -334,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed decode/prefill runs (median)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per decode run")
     parser.add_argument("--e2e-runs", type=int, default=3, help="end-to-end runs (median)")
+    parser.add_argument("--agreement-prompts", type=int, default=20,
+                        help="held-out report prompts on which the fast path's greedy tokens are compared with generate's")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip the plain-transformers bf16/fp32 runs")
     parser.add_argument("--out", type=Path, default=RESULTS)

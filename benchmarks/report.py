@@ -44,7 +44,8 @@ MIN_RECALL = 0.95  # the case-index table shows the fastest setting reaching thi
 def render_generation(r: dict) -> str:
     d, e2e, bw, mb = r["decode"], r["end_to_end"], r["memory_bandwidth"], r["model_bytes"]
     env = r["environment"]
-    head = (f"**{r['model']}**, {env['cpu_count']} CPUs ({env['machine']}, {env['torch_threads']} torch threads), "
+    cpu = f"{env['cpu_model']}, {env['cpu_capability']}, " if "cpu_model" in env else ""
+    head = (f"**{r['model']}**, {env['cpu_count']} CPUs ({cpu}{env['machine']}, {env['torch_threads']} torch threads), "
             f"torch {env['torch']}; load average before/after "
             f"{r['loadavg_before'][0]:.2f} / {r['loadavg_after'][0]:.2f} (`{r['command'].strip()}`).")
     rows = [
@@ -82,33 +83,66 @@ def render_generation(r: dict) -> str:
     return "\n\n".join(parts)
 
 
+FAST_MODE_NAMES = {"shortlist": "fast path as served: compiled step, greedy drafts over {rows} shortlist rows "
+                                "checked against all 262,144",
+                   "every_row": "fast path scoring every output row at every step"}
+
+
 def render_fast_path(r: dict) -> list[str]:
-    """The compiled decoder and llama.cpp beside the reference path (generation.json)."""
+    """The compiled decoder's modes and llama.cpp beside the reference path (generation.json)."""
     fast, llama = r.get("fast_path"), r.get("llama_cpp") or {}
     if not fast:
         return []
     if "error" in fast:
         return [f"Fast path unavailable: {fast['error']}."]
-    rows = [["reference: transformers generate (study prompt)", f"{r['decode']['decode_tokens_per_s_median']:.1f}",
-             f"{r['decode_bound_tokens_per_s']:.1f}", f"{r['achieved_over_bound']:.2f}", "1.00"],
-            ["fast path: assistant.fast_decode (compiled, bf16 + merged LoRA)",
-             f"{fast['decode_tokens_per_s_median']:.1f}", f"{fast['bound_tokens_per_s']:.1f}",
-             f"{fast['achieved_over_bound']:.2f}",
-             f"{fast['decode_tokens_per_s_median'] / r['decode']['decode_tokens_per_s_median']:.2f}"]]
-    if "decode_tokens_per_s_median" in llama:
-        rows.append([f"llama.cpp, {llama['gguf']} ({llama['threads']} threads, text prompt)",
-                     f"{llama['decode_tokens_per_s_median']:.1f}", f"{llama['bound_tokens_per_s']:.1f}",
-                     f"{llama['achieved_over_bound']:.2f}",
-                     f"{llama['decode_tokens_per_s_median'] / r['decode']['decode_tokens_per_s_median']:.2f}"])
-    parts = [markdown_table(["decoder", "decode tokens/s", "bound (tokens/s)", "achieved / bound",
-                             "x reference"], rows)]
+    reference = r["decode"]["decode_tokens_per_s_median"]
+    llama_rate = llama.get("decode_tokens_per_s_median")
+    rows = [["reference: transformers generate (study prompt)", f"{reference:.1f}",
+             f"{r['model_bytes']['bytes_per_token'] / 1e6:.0f}", f"{r['decode_bound_tokens_per_s']:.1f}",
+             f"{r['achieved_over_bound']:.2f}", "1.00", f"{reference / llama_rate:.2f}" if llama_rate else "-"]]
+    for key, mode in fast.get("modes", {"served": fast}).items():
+        name = FAST_MODE_NAMES.get(key, "fast path").format(rows=f"{fast.get('shortlist_rows') or 0:,}")
+        rate = mode["decode_tokens_per_s_median"]
+        rows.append([name, f"{rate:.1f}", f"{mode['bytes_per_token'] / 1e6:.0f}", f"{mode['bound_tokens_per_s']:.1f}",
+                     f"{mode['achieved_over_bound']:.2f}", f"{rate / reference:.2f}",
+                     f"{rate / llama_rate:.2f}" if llama_rate else "-"])
+    if llama_rate:
+        rows.append([f"llama.cpp, {llama['gguf']} ({llama['threads']} threads, text prompt)", f"{llama_rate:.1f}",
+                     f"{llama['gguf_bytes'] / 1e6:.0f}", f"{llama['bound_tokens_per_s']:.1f}",
+                     f"{llama['achieved_over_bound']:.2f}", f"{llama_rate / reference:.2f}", "1.00"])
+    parts = [markdown_table(["decoder", "decode tokens/s", "MB read / token", "bound (tokens/s)", "achieved / bound",
+                             "x reference", "x llama.cpp"], rows)]
     same = ("equal to the reference's" if fast["greedy_tokens_equal_reference"]
             else f"first differ from the reference's at token {fast['first_difference_at']}")
-    lines = [f"Fast path greedy tokens ({fast['compared_tokens']} compared) {same}; time to first token "
-             f"{fast['ttft_s_median']:.2f} s; compile (or Inductor cache load) {fast['compile_or_cache_load_s']:.0f} s."]
-    if "over_llama_cpp" in fast:
-        lines.append(f"Fast path / llama.cpp decode speed: {fast['over_llama_cpp']:.2f}.")
-    elif llama.get("skipped"):
+    lines = [f"Fast path greedy tokens on this prompt ({fast['compared_tokens']} compared) {same}; time to first "
+             f"token {fast['ttft_s_median']:.2f} s; longest wait between two tokens "
+             f"{fast['longest_gap_between_tokens_s'] * 1000:.0f} ms; compile (or Inductor cache load) "
+             f"{fast['compile_or_cache_load_s']:.0f} s."]
+    if "shortlist" in fast.get("modes", {}):
+        mode = fast["modes"]["shortlist"]
+        lines.append(f"Shortlist drafting: {mode['steps']} steps and {mode['checks']} whole-vocabulary checks for "
+                     f"{mode['new_tokens']} tokens, {mode['rejected_drafts']} drafts replaced; tokens "
+                     f"{'equal to' if mode['tokens_equal_every_row'] else 'DIFFERENT from'} the every-row mode's.")
+    if drafts := fast.get("drafts"):
+        modes = drafts["modes"]
+        line = (f"Whole drafts as the app runs them ({drafts['prompts']} held-out report prompts, greedy to the end "
+                f"of the report or {drafts['max_new_tokens']} tokens): every row {modes['every_row']['decode_tokens_per_s']:.1f} "
+                f"tokens/s")
+        if served := modes.get("shortlist"):
+            line += (f", as served {served['decode_tokens_per_s']:.1f} tokens/s ({served['new_tokens']} tokens, "
+                     f"{served['checks']} checks, {served['rejected_drafts']} drafts replaced; tokens "
+                     f"{'equal to' if served['tokens_equal_every_row'] else 'DIFFERENT from'} the every-row mode's)")
+        lines.append(line + ".")
+    if agreement := fast.get("agreement"):
+        ours, yardstick = agreement["fast_vs_generate"], agreement["eager_attention_vs_generate"]
+        lines.append(f"Greedy agreement with `generate` on {agreement['prompts']} held-out report prompts "
+                     f"({agreement['tokens_each']} tokens each): the fast path {ours['identical']} identical, "
+                     f"first difference after {ours['tokens_before_first_difference_median']:.0f} tokens (median; "
+                     f"minimum {ours['tokens_before_first_difference_min']}); for scale, `generate` with eager "
+                     f"attention instead of SDPA (same model, another bf16 summation order) "
+                     f"{yardstick['identical']} identical, after {yardstick['tokens_before_first_difference_median']:.0f} "
+                     f"(minimum {yardstick['tokens_before_first_difference_min']}).")
+    if llama.get("skipped"):
         lines.append(f"llama.cpp: {llama['skipped']}.")
     parts.append(" ".join(lines))
     return parts

@@ -9,7 +9,9 @@ eagerly except in one compiled test (Inductor on a 3-layer model)."""
 import pytest
 import torch
 
-from assistant.fast_decode import FastDecoder, FastDecodeUnsupported, merged_weights
+from assistant.fast_check import DRAFT_TOKENS, Shortlist, VocabularyCheck
+from assistant.fast_decode import FastDecoder, FastDecodeUnsupported
+from assistant.fast_weights import decoder_weights
 from assistant.fast_generate import FastGeneration, TextPieces
 from conftest import tiny_config, tiny_tokenizer
 
@@ -85,7 +87,7 @@ def test_without_penalty_and_with_a_strong_one():
         assert fast(model, decoder, prompt, 16, penalty) == reference(model, prompt, 16, penalty)
 
 
-def test_merged_lora_matches_the_peft_model_and_leaves_the_base_weights_untouched():
+def test_lora_beside_the_base_matches_the_peft_model_and_leaves_the_base_weights_untouched():
     from peft import LoraConfig, get_peft_model
 
     model = small_gemma(seed=4)
@@ -104,8 +106,40 @@ def test_merged_lora_matches_the_peft_model_and_leaves_the_base_weights_untouche
         assert fast(peft_model, decoder, prompt, 20, adapter=None) == reference(peft_model, prompt, 20)
     assert with_lora != fast(peft_model, decoder, prompt, 20, adapter=None)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, before)
-    merged = merged_weights(text_model, "default")
-    assert not torch.equal(merged.layers[0].qkv[:64], before)
+    weights = decoder_weights(text_model, "default", decoder.lora_layout)
+    assert torch.equal(weights.layers[0].qkv[:64], before)  # never merged
+    assert decoder.lora_layout.layers == (True, True, True) and decoder.lora_layout.rank == 4
+
+
+def test_bf16_adapters_of_different_ranks_and_layers_share_one_layout_and_match_peft():
+    from peft import LoraConfig, get_peft_model
+
+    model = small_gemma(seed=9, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(4)  # clear margins, as in the bf16 test above
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"],
+                                                  layers_to_transform=[2]), adapter_name="top")
+    peft_model.add_adapter("wide", LoraConfig(r=8, lora_alpha=8, target_modules=["k_proj", "gate_proj", "down_proj"],
+                                              layers_to_transform=[1, 2]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)
+    decoder = FastDecoder(peft_model.get_base_model().model, max_positions=64, compile=False)
+    assert decoder.lora_layout.layers == (False, True, True) and decoder.lora_layout.rank == 8
+    prompt = prompt_ids(9, seed=9)
+    outputs = set()
+    for adapter in ("top", "wide"):
+        peft_model.set_adapter(adapter)
+        tokens = fast(peft_model, decoder, prompt, 24, adapter=adapter)
+        assert tokens == reference(peft_model, prompt, 24)
+        outputs.add(tuple(tokens))
+    with peft_model.disable_adapter():
+        base = fast(peft_model, decoder, prompt, 24, adapter=None)
+        assert base == reference(peft_model, prompt, 24)
+    outputs.add(tuple(base))
+    assert len(outputs) == 3  # each adapter changes the output
 
 
 def test_eos_ends_the_sequence_and_the_length_limit_holds():
@@ -134,12 +168,67 @@ def test_other_architectures_are_refused_clearly():
         FastDecoder(llama.model, compile=False)
 
 
-def test_compiled_step_matches_generate():
+def test_compiled_step_matches_generate_with_and_without_a_shortlist():
+    from torch._dynamo.utils import counters
+
     model = small_gemma(seed=7)
-    decoder = FastDecoder(model.model, max_positions=600, compile=True)
+    decoder = FastDecoder(model.model, max_positions=600, compile=True, shortlist=Shortlist(torch.arange(0, VOCAB, 2)))
     decoder.warm_up(None)
-    prompt = prompt_ids(250, seed=7)  # crosses a 256-position cache block: the span changes mid-way
-    assert fast(model, decoder, prompt, 20) == reference(model, prompt, 20)
+    graphs = counters["stats"]["unique_graphs"]
+    prompt = prompt_ids(250, seed=7)  # crosses a cache-block boundary at 256: the span changes mid-way
+    expected = reference(model, prompt, 20)
+    assert fast(model, decoder, prompt, 20) == expected
+    decoder.shortlist = None  # every row at every step: the same graph, more rows
+    assert fast(model, decoder, prompt, 20) == expected
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile (a minute on the real model)
+
+
+# ---- greedy drafting over a shortlist, checked against the whole vocabulary -------------------------
+
+@pytest.mark.parametrize("kept", ["all", "half", "none"])
+@pytest.mark.parametrize("penalty", [1.0, 1.1, 2.0])
+def test_shortlisted_drafts_give_exactly_the_whole_vocabulary_greedy_tokens(kept, penalty):
+    model = small_gemma(seed=11)
+    rows = {"all": torch.arange(VOCAB), "half": torch.arange(0, VOCAB, 2), "none": torch.tensor([0])}[kept]
+    decoder = FastDecoder(model.model, max_positions=128, compile=False, shortlist=Shortlist(rows))
+    prompt = prompt_ids(9, seed=11)  # with "none" only the prompt's own tokens are drafted
+    tokens = 3 * DRAFT_TOKENS + 5  # not a whole number of rounds
+    assert fast(model, decoder, prompt, tokens, penalty) == reference(model, prompt, tokens, penalty)
+    stats = decoder.last_stats
+    assert stats.tokens == tokens and stats.checks >= (tokens - 1) / DRAFT_TOKENS
+    assert stats.head_rows == stats.steps * Shortlist(rows).for_prompt(prompt).numel()
+    if kept == "all":
+        assert stats.rejected == 0 and stats.steps == tokens - 1  # the prefill gives the first token
+    if kept == "none":
+        assert stats.rejected > 0  # out-of-shortlist tokens were drafted wrong, then corrected
+
+
+def test_shortlisted_drafts_stop_at_eos_and_at_the_length_limit():
+    model = small_gemma(seed=8)
+    decoder = FastDecoder(model.model, max_positions=64, compile=False, shortlist=Shortlist(torch.arange(0, VOCAB, 3)))
+    prompt = prompt_ids(5, seed=8)
+    total = DRAFT_TOKENS + 12
+    tokens = fast(model, decoder, prompt, total)
+    assert tokens == reference(model, prompt, total)
+    first_new = next(i for i in range(DRAFT_TOKENS + 1, total) if tokens[i] not in tokens[:i])  # in a later round
+    with torch.inference_mode():
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        stopped = list(decoder.decode(None, out.past_key_values, prompt[0], out.logits[0, -1], total, 1.1,
+                                      eos_ids=(tokens[first_new],)))
+    assert stopped == tokens[:first_new]
+    assert fast(model, decoder, prompt, 1) == tokens[:1] and decoder.last_stats.steps == 0
+
+
+def test_sampling_scores_every_row_even_with_a_shortlist():
+    model = small_gemma(seed=12)
+    decoder = FastDecoder(model.model, max_positions=64, compile=False, shortlist=Shortlist(torch.tensor([0])))
+    prompt = prompt_ids(5, seed=12)
+    with torch.inference_mode():
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        sampled = list(decoder.decode(None, out.past_key_values, prompt[0], out.logits[0, -1], 10, 1.0,
+                                      temperature=1.0, generator=torch.Generator().manual_seed(0)))
+    assert len(sampled) == 10 and decoder.last_stats.checks == 0
+    assert decoder.last_stats.head_rows == 9 * VOCAB
 
 
 def test_text_pieces_wait_for_whole_characters_and_stop_after_a_stop_string():
@@ -191,3 +280,26 @@ def _tokenizer_for(vocab: int):
     tokenizer = tiny_tokenizer()
     tokenizer.add_tokens([f"w{index}" for index in range(vocab - len(tokenizer))])
     return tokenizer
+
+
+def test_the_vlm_drafts_over_its_configured_shortlist_and_skips_a_foreign_one(tmp_path, caplog):
+    import dataclasses
+
+    from assistant.model import ClinicalVLM
+    from assistant.vocab_shortlist import save
+
+    save(tmp_path / "ok", torch.arange(0, VOCAB, 2, dtype=torch.int32), {"vocab_size": VOCAB})
+    save(tmp_path / "foreign", torch.arange(4, dtype=torch.int32), {"vocab_size": 262144})
+    results = {}
+    for name in ("ok", "foreign"):
+        config = tiny_config()
+        config = dataclasses.replace(config, generation=dataclasses.replace(config.generation,
+                                                                            shortlist=str(tmp_path / name)))
+        vlm = ClinicalVLM.from_parts(small_gemma(seed=8), _tokenizer_for(VOCAB), config)
+        inputs = vlm.build_inputs("findings : the lungs")
+        slow = "".join(vlm.stream(inputs))
+        generation = vlm.start_fast_decoding(wait=True, compile=False)
+        results[name] = generation.decoder.shortlist
+        assert "".join(vlm.stream(inputs)) == slow
+    assert results["ok"] is not None and results["foreign"] is None
+    assert "scores every output row" in caplog.text
