@@ -14,8 +14,8 @@ the base matrices with peft's roundings rather than merged into them (a merged b
 differently, and a near-tie then flips a token). Every product sums in fp32 and is rounded to the
 model dtype, like the reference path; only the order of the fp32 sums differs. Greedy tokens match
 `generate`'s in the tests (tests/test_fast_decode.py); the generation benchmark measures agreement
-on the real model over held-out prompts. Prefill, including image tokens, runs through the Hugging
-Face model once; its cache is copied in.
+on the real model over held-out prompts. The prompt, image tokens included, is prefilled in fp32
+matrix products (assistant.fast_prefill) straight into the decoder's cache.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from collections.abc import Iterator
 import torch
 
 from .fast_check import DRAFT_TOKENS, Shortlist, VocabularyCheck, rows_of
-from .fast_weights import (LORA_TENSORS, DecoderShape, DecoderWeights, FastDecodeUnsupported, LoraLayout,
-                           decoder_weights, rope_tables)
+from .fast_math import after_attention, attention_inputs, penalise, rms_norm, rotate
+from .fast_prefill import prefill
+from .fast_weights import DecoderShape, DecoderWeights, LoraLayout, decoder_weights, rope_tables, split_layers
 
 CACHE_BLOCK = 128  # attention reads the cache up to the next multiple of this (a smaller block reads
 # fewer stale slots; every span shares one dynamic graph)
@@ -46,17 +47,6 @@ def _matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """weight @ x as a multiply-and-sum: Inductor turns it into one vectorised pass over the weight
     (torch's bf16 gemv kernel is compute-bound at about a third of memory speed on this CPU)."""
     return (weight.float() * x.float()).sum(-1).to(x.dtype)
-
-
-def _rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * scale).to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 def decode_step(shape: DecoderShape, layout: LoraLayout, weights: list[torch.Tensor], head: torch.Tensor, token: torch.Tensor,
@@ -77,54 +67,23 @@ def decode_step(shape: DecoderShape, layout: LoraLayout, weights: list[torch.Ten
     slots = torch.arange(span)
     earlier = slots < position
     local_earlier = earlier & (slots > position - shape.window)
-    q_size, kv_size = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     group = shape.heads // shape.kv_heads
     new_keys, new_values = [], []
-    cursor = 2
-    for index in range(shape.layers):
-        qkv, o, gate_up, down, norms = weights[cursor: cursor + 5]
-        lora = weights[cursor + 5: cursor + 5 + LORA_TENSORS] if layout.layers[index] else None
-        cursor += 5 + (LORA_TENSORS if lora else 0)
-        hidden_norm, head_norm = norms[:, : shape.hidden], norms[:, : shape.head_dim]
-        x = _rms_norm(h, hidden_norm[0], shape.eps)
-        mixed = _matvec(qkv, x)
-        q, k, v = mixed[..., :q_size], mixed[..., q_size: q_size + kv_size], mixed[..., q_size + kv_size:]
-        if lora:
-            q, k, v = (_with_lora(out, x, lora, module) for module, out in enumerate((q, k, v)))
+    for index, layer in enumerate(split_layers(shape, layout, weights)):
+        q, k, v = attention_inputs(h, layer, shape, _matvec)
         q, k, v = q.view(shape.heads, shape.head_dim), k.view(shape.kv_heads, shape.head_dim), v.view(shape.kv_heads, shape.head_dim)
         table = 0 if shape.sliding[index] else 1
         c, s = cos[table].index_select(0, position), sin[table].index_select(0, position)
-        q = _rotate(_rms_norm(q, head_norm[4], shape.eps), c, s)
-        k = _rotate(_rms_norm(k, head_norm[5], shape.eps), c, s)
+        q = rotate(rms_norm(q, layer.head_norm[4], shape.eps), c, s)
+        k = rotate(rms_norm(k, layer.head_norm[5], shape.eps), c, s)
         new_keys.append(k)
         new_values.append(v)
         attended = _attend(q, k, v, keys[index], values[index], local_earlier if shape.sliding[index] else earlier,
-                           group, shape.scaling).reshape(1, q_size)
-        projected = _matvec(o, attended)
-        if lora:
-            projected = _with_lora(projected, attended, lora, 3)
-        h = h + _rms_norm(projected, hidden_norm[1], shape.eps)
-        x = _rms_norm(h, hidden_norm[2], shape.eps)
-        gu = _matvec(gate_up, x)
-        gate, up = gu[..., : shape.intermediate], gu[..., shape.intermediate:]
-        if lora:
-            gate, up = _with_lora(gate, x, lora, 4), _with_lora(up, x, lora, 5)
-        act = torch.nn.functional.gelu(gate.float(), approximate="tanh").to(up.dtype) * up
-        down_out = _matvec(down, act)
-        if lora:
-            down_out = _with_lora(down_out, act, lora, 6)
-        h = h + _rms_norm(down_out, hidden_norm[3], shape.eps)
-    h = _rms_norm(h, final_norm, shape.eps)
-    logits = _penalise(_matvec(head, h[0]).float(), seen, penalty)  # bf16-rounded like the reference
+                           group, shape.scaling).reshape(1, -1)
+        h = after_attention(h, attended, layer, shape, _matvec)
+    h = rms_norm(h, final_norm, shape.eps)
+    logits = penalise(_matvec(head, h[0]).float(), seen, penalty)  # bf16-rounded like the reference
     return logits, logits.argmax(), torch.stack(new_keys), torch.stack(new_values), h
-
-
-def _with_lora(out: torch.Tensor, x: torch.Tensor, lora: list[torch.Tensor], module: int) -> torch.Tensor:
-    """`out` (the base projection of `x`) plus LoRA module `module`'s term, rounded as peft does in
-    the model dtype: B (A x) rounded, times the scaling rounded, then the sum rounded."""
-    a, b, scaling = lora[2 * module], lora[2 * module + 1], lora[-1][module]
-    term = (_matvec(b, _matvec(a, x)).float() * scaling).to(out.dtype)
-    return (out.float() + term.float()).to(out.dtype)
 
 
 def _attend(q, k, v, cached_keys, cached_values, visible, group: int, scaling: float) -> torch.Tensor:
@@ -207,14 +166,17 @@ class FastDecoder:
                                torch.zeros(s.layers, s.kv_heads, self.max_positions, s.head_dim, dtype=CACHE_DTYPE))
         return self._cache
 
-    def load_prefill(self, past_key_values, length: int) -> None:
-        """Copy a transformers cache (sliding layers keep only their last window) into the slots of
-        the positions it holds."""
+    def prefill(self, weights: DecoderWeights, embeds: torch.Tensor) -> torch.Tensor:
+        """Run the prompt's input embeddings (T, hidden) through the model (assistant.fast_prefill),
+        store every position's keys and values, and return the last position's logits (vocab,) in
+        the model dtype."""
+        hidden, new_keys, new_values = prefill(self.shape, self.lora_layout, weights.tensors(), embeds, self.cos,
+                                               self.sin)
         keys, values = self.cache()
-        for index, layer in enumerate(past_key_values.layers):
-            held = layer.keys.shape[2]
-            keys[index, :, length - held: length] = layer.keys[0]
-            values[index, :, length - held: length] = layer.values[0]
+        length = embeds.shape[0]
+        keys[:, :, :length] = new_keys
+        values[:, :, :length] = new_values
+        return torch.nn.functional.linear(hidden, weights.embed)[0]
 
     def warm_up(self, adapter: str | None) -> None:
         """Compile the token step (one graph for every span and every number of output rows) on a
@@ -228,11 +190,13 @@ class FastDecoder:
     def fits(self, prompt_length: int, max_new_tokens: int) -> bool:
         return prompt_length + max_new_tokens <= self.max_positions
 
-    def decode(self, adapter: str | None, past_key_values, prompt_ids: torch.Tensor, first_logits: torch.Tensor,
-               max_new_tokens: int, penalty: float = 1.0, temperature: float = 0.0,
-               eos_ids: tuple[int, ...] = (), generator: torch.Generator | None = None) -> Iterator[int]:
-        """Yield new token ids: the first from the prefill's last logits, then from compiled steps.
-        Stops after an EOS id (not yielded) or `max_new_tokens`. `last_stats` tells what it read."""
+    def decode(self, adapter: str | None, embeds: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int,
+               penalty: float = 1.0, temperature: float = 0.0, eos_ids: tuple[int, ...] = (),
+               generator: torch.Generator | None = None) -> Iterator[int]:
+        """Yield new token ids for the prompt `prompt_ids` (T,) whose input embeddings are `embeds`
+        (T, hidden; text scaled, image tokens spliced in): the first from the prefill's last logits,
+        then from compiled steps. Stops after an EOS id (not yielded) or `max_new_tokens`.
+        `last_stats` tells what it read."""
         length = prompt_ids.numel()
         if not self.fits(length, max_new_tokens):
             raise ValueError(f"prompt of {length} tokens + {max_new_tokens} new exceeds {self.max_positions} positions")
@@ -240,10 +204,10 @@ class FastDecoder:
         with self._cache_lock:
             self.last_stats = DecodeStats()
             with torch.inference_mode():
-                self.load_prefill(past_key_values, length)
+                first_logits = self.prefill(weights, embeds)
                 seen = torch.zeros(self.shape.vocab, dtype=torch.bool)
                 seen[prompt_ids.flatten()] = True
-                logits = _penalise(first_logits.float(), seen, penalty)  # the model dtype's values, like generate
+                logits = penalise(first_logits.float(), seen, penalty)  # the model dtype's values, like generate
                 token = _choose(logits, logits.argmax(), temperature, generator)
             if temperature <= 0 and self.shortlist is not None:
                 tokens = self._checked_drafts(weights, token, length, seen, penalty, max_new_tokens, eos_ids, prompt_ids)
@@ -331,13 +295,6 @@ class FastDecoder:
         keys[:, :, position] = new_keys
         values[:, :, position] = new_values
         return logits, greedy, hidden
-
-
-def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
-    """transformers' repetition penalty: seen tokens' logits divided (positive) or multiplied
-    (negative) by `penalty`."""
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
 
 
 def _choose(logits: torch.Tensor, greedy: torch.Tensor, temperature: float,

@@ -16,7 +16,8 @@ import torch
 
 from .config import GenerationConfig
 from .fast_check import Shortlist
-from .fast_decode import FastDecoder, FastDecodeUnsupported
+from .fast_decode import FastDecoder
+from .fast_weights import FastDecodeUnsupported
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +87,30 @@ class FastGeneration:
 
     def tokens(self, inputs: dict[str, torch.Tensor], gen: GenerationConfig, adapter: str | None,
                eos_ids: tuple[int, ...] | None = None) -> Iterator[int]:
-        """New token ids: prefill through the Hugging Face model (image tokens included) at the first
-        `next`, then the compiled steps. `eos_ids` None: the model's own; () runs to the limit."""
+        """New token ids: the prompt's input embeddings (image tokens through the vision tower and
+        projector of the active adapter) at the first `next`, then the decoder's prefill and steps.
+        `eos_ids` None: the model's own; () runs to the limit."""
         with torch.inference_mode():
-            out = self.vlm.hf(**inputs, use_cache=True, logits_to_keep=1)
+            embeds = prompt_embeddings(self.vlm, inputs)
         if eos_ids is None:
             eos = self.vlm.hf.generation_config.eos_token_id
             eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        yield from self.decoder.decode(adapter, out.past_key_values, inputs["input_ids"][0], out.logits[0, -1],
-                                       gen.max_new_tokens, gen.repetition_penalty, gen.temperature, eos_ids)
+        yield from self.decoder.decode(adapter, embeds, inputs["input_ids"][0], gen.max_new_tokens,
+                                       gen.repetition_penalty, gen.temperature, eos_ids)
+
+
+def prompt_embeddings(vlm, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(T, hidden) input embeddings of one prompt, as transformers' LLaVA forward builds them: the
+    text model's (scaled) token embeddings, with the projected image features scattered into the
+    image placeholder positions (transformers' own mask, which checks the counts)."""
+    model = vlm._base_model()
+    input_ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(input_ids)
+    if inputs.get("pixel_values") is not None:
+        features = vlm.image_features(inputs["pixel_values"]).flatten(0, 1).to(embeds.dtype)  # (images x N, D)
+        mask = model.model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+        embeds = embeds.masked_scatter(mask, features)
+    return embeds[0]
 
 
 class TextPieces:

@@ -9,6 +9,7 @@ them, zero-padded to one rank (`LoraLayout`). Nothing is merged and the model is
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -52,6 +53,28 @@ class DecoderWeights:
         """Weight bytes one step streams: every layer matrix and norm, and the whole tied output
         matrix once (the embedding lookup reads one row of it)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class Layer(NamedTuple):
+    """One decoder layer's tensors as the step and the prefill read them (views, no copies)."""
+    qkv: torch.Tensor
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    hidden_norm: torch.Tensor  # rows 0-3: input, post-attention, pre-feed-forward, post-feed-forward
+    head_norm: torch.Tensor  # rows 4-5: q and k norms
+    lora: list[torch.Tensor] | None  # `lora_tensors`, or None on a layer no adapter touches
+
+
+def split_layers(shape: "DecoderShape", layout: "LoraLayout", weights: list[torch.Tensor]) -> list[Layer]:
+    """`DecoderWeights.tensors()` (laid out by `layout`) back into layers."""
+    layers, cursor = [], 2
+    for index in range(shape.layers):
+        qkv, o, gate_up, down, norms = weights[cursor: cursor + 5]
+        lora = weights[cursor + 5: cursor + 5 + LORA_TENSORS] if layout.layers[index] else None
+        cursor += 5 + (LORA_TENSORS if lora else 0)
+        layers.append(Layer(qkv, o, gate_up, down, norms[:, : shape.hidden], norms[:, : shape.head_dim], lora))
+    return layers
 
 
 @dataclasses.dataclass(frozen=True)

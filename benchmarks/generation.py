@@ -185,12 +185,29 @@ def fast_path(assistant: Assistant, inputs: dict, tokens: int, runs: int, bandwi
         mode.pop("ids")
     served = "shortlist" if shortlist is not None else "every_row"
     result = {"compile_or_cache_load_s": compile_s, "served_mode": served, "modes": modes, **modes[served],
-              "shortlist_rows": int(shortlist.ids.numel()) if shortlist is not None else None}
+              "shortlist_rows": int(shortlist.ids.numel()) if shortlist is not None else None,
+              "prefill_s_median": fast_prefill_seconds(assistant, generation, inputs, runs)}
     if agreement_prompts:
         result["drafts"] = drafts_to_eos(assistant, generation, shortlist, agreement_prompts)
         generation.decoder.shortlist = shortlist
         result["agreement"] = greedy_agreement(assistant, generation, tokens, agreement_prompts)
     return result
+
+
+def fast_prefill_seconds(assistant: Assistant, generation, inputs: dict, runs: int) -> float:
+    """The fast path's prefill of the study prompt (input embeddings with the image features, then
+    assistant.fast_prefill into the decoder's cache and the last logits), median."""
+    from assistant.fast_generate import prompt_embeddings
+
+    vlm, decoder = assistant.vlm, generation.decoder
+    weights = decoder.weights_for(vlm.adapter_name("report"))
+    seconds = []
+    with vlm.adapter_for("report"), torch.inference_mode():
+        for _ in range(runs + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            decoder.prefill(weights, prompt_embeddings(vlm, inputs))
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[1:])
 
 
 def drafts_to_eos(assistant: Assistant, generation, shortlist, prompts: int) -> dict:

@@ -114,7 +114,8 @@ def render_fast_path(r: dict) -> list[str]:
                              "x reference", "x llama.cpp"], rows)]
     same = ("equal to the reference's" if fast["greedy_tokens_equal_reference"]
             else f"first differ from the reference's at token {fast['first_difference_at']}")
-    lines = [f"Fast path greedy tokens on this prompt ({fast['compared_tokens']} compared) {same}; time to first "
+    prefill = f"prefill of the study {fast['prefill_s_median']:.2f} s; " if "prefill_s_median" in fast else ""
+    lines = [f"Fast path greedy tokens on this prompt ({fast['compared_tokens']} compared) {same}; {prefill}time to first "
              f"token {fast['ttft_s_median']:.2f} s; longest wait between two tokens "
              f"{fast['longest_gap_between_tokens_s'] * 1000:.0f} ms; compile (or Inductor cache load) "
              f"{fast['compile_or_cache_load_s']:.0f} s."]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from assistant.fast_check import Shortlist, VocabularyCheck, rows_of
-from assistant.fast_decode import _penalise
+from assistant.fast_math import penalise as _penalise
 
 
 def integers(*shape: int, seed: int, high: int = 6) -> torch.Tensor:

@@ -9,9 +9,9 @@ eagerly except in one compiled test (Inductor on a 3-layer model)."""
 import pytest
 import torch
 
-from assistant.fast_check import DRAFT_TOKENS, Shortlist, VocabularyCheck
-from assistant.fast_decode import FastDecoder, FastDecodeUnsupported
-from assistant.fast_weights import decoder_weights
+from assistant.fast_check import DRAFT_TOKENS, Shortlist
+from assistant.fast_decode import FastDecoder
+from assistant.fast_weights import FastDecodeUnsupported, decoder_weights
 from assistant.fast_generate import FastGeneration, TextPieces
 from conftest import tiny_config, tiny_tokenizer
 
@@ -46,8 +46,12 @@ def reference(model, prompt: torch.Tensor, tokens: int, penalty: float = 1.1) ->
 def fast(model, decoder: FastDecoder, prompt: torch.Tensor, tokens: int, penalty: float = 1.1,
          adapter=None) -> list[int]:
     with torch.inference_mode():
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        return list(decoder.decode(adapter, out.past_key_values, prompt[0], out.logits[0, -1], tokens, penalty))
+        return list(decoder.decode(adapter, embeddings(model, prompt), prompt[0], tokens, penalty))
+
+
+def embeddings(model, prompt: torch.Tensor) -> torch.Tensor:
+    """The prompt's input embeddings (Gemma 3 scales them in its embedding module)."""
+    return model.get_input_embeddings()(prompt)[0]
 
 
 def prompt_ids(length: int, seed: int = 1) -> torch.Tensor:
@@ -150,8 +154,7 @@ def test_eos_ends_the_sequence_and_the_length_limit_holds():
     assert len(tokens) == 12
     first_new = next(i for i in range(1, 12) if tokens[i] not in tokens[:i])  # its first appearance
     with torch.inference_mode():
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        stopped = list(decoder.decode(None, out.past_key_values, prompt[0], out.logits[0, -1], 12, 1.1,
+        stopped = list(decoder.decode(None, embeddings(model, prompt), prompt[0], 12, 1.1,
                                       eos_ids=(tokens[first_new],)))
     assert stopped == tokens[:first_new]
     assert not decoder.fits(60, 8)
@@ -212,8 +215,7 @@ def test_shortlisted_drafts_stop_at_eos_and_at_the_length_limit():
     assert tokens == reference(model, prompt, total)
     first_new = next(i for i in range(DRAFT_TOKENS + 1, total) if tokens[i] not in tokens[:i])  # in a later round
     with torch.inference_mode():
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        stopped = list(decoder.decode(None, out.past_key_values, prompt[0], out.logits[0, -1], total, 1.1,
+        stopped = list(decoder.decode(None, embeddings(model, prompt), prompt[0], total, 1.1,
                                       eos_ids=(tokens[first_new],)))
     assert stopped == tokens[:first_new]
     assert fast(model, decoder, prompt, 1) == tokens[:1] and decoder.last_stats.steps == 0
@@ -224,8 +226,7 @@ def test_sampling_scores_every_row_even_with_a_shortlist():
     decoder = FastDecoder(model.model, max_positions=64, compile=False, shortlist=Shortlist(torch.tensor([0])))
     prompt = prompt_ids(5, seed=12)
     with torch.inference_mode():
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        sampled = list(decoder.decode(None, out.past_key_values, prompt[0], out.logits[0, -1], 10, 1.0,
+        sampled = list(decoder.decode(None, embeddings(model, prompt), prompt[0], 10, 1.0,
                                       temperature=1.0, generator=torch.Generator().manual_seed(0)))
     assert len(sampled) == 10 and decoder.last_stats.checks == 0
     assert decoder.last_stats.head_rows == 9 * VOCAB
