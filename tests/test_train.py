@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from assistant.model import ClinicalVLM
-from assistant.train import (LLMTrainSettings, TrainableLoss, prepare_model, run_training, sampled_candidates,
-                             target_loss)
+from assistant.train import (LLMTrainSettings, TrainableLoss, prepare_model, resolve_train_dtype, run_training,
+                             sampled_candidates, target_loss)
 from assistant.train_data import IGNORE
 
 from conftest import SHARED_DATA, tiny_config, tiny_language_model, tiny_tokenizer
@@ -52,6 +52,21 @@ def test_lora_trains_the_lora_and_the_projector_never_the_base_weights():
     names = trainable(vlm)
     assert any("lora_A" in n and "q_proj" in n for n in names) and any("down_proj.lora_B" in n for n in names)
     assert all("lora_" in n or "multi_modal_projector" in n for n in names)
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
+    assert resolve_train_dtype("float32") == "float32" and resolve_train_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, expected in [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert resolve_train_dtype("auto") == expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert resolve_train_dtype("auto") == "float32"  # a torch without the probes: the always-correct choice
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_train_dtype("auto") == "float32"
 
 
 def test_the_full_vocabulary_loss_is_the_models_own_loss():
