@@ -150,8 +150,8 @@ class TaskAdapterConfig:
     answer into a radiology report). With `adapter` None (the untrained base) none are loaded. The
     shipped defaults belong to the built-in LLM and are skipped for another one, like `adapter`.
     Chosen by measurement (benchmarks/results/eval-summary.json, eval-educate*.json): summary-lora
-    names only facts of the record; the shipped educate-lora scored below the base model on
-    held-out MedQuAD (ROUGE-L 0.121 vs 0.134, 27 vs 79 words), so education runs on the base.
+    names only facts of the record; the shipped educate-lora still scores below the base model on
+    held-out MedQuAD (ROUGE-L 0.126 vs 0.129, 35 vs 74 words), so education runs on the base.
     """
 
     summary: str | None = "adapters/summary-lora"

@@ -230,6 +230,7 @@ def folder_hashes(folder: str | Path | None) -> dict | None:
 def provenance(config: AssistantConfig, vlm) -> dict:
     """What produced the numbers: base model hash, adapter and vision-weight hashes, size."""
     from .base_models import CACHE_FORMAT
+    from .model import resolve_task_adapters
 
     # The default LLM's cache folder, located without converting (a tiny test model never has one).
     llm_dir = (cache_dir() / "models" / f"gemma3-270m-v{CACHE_FORMAT}" if config.llm.path == DEFAULT_LLM
@@ -241,6 +242,9 @@ def provenance(config: AssistantConfig, vlm) -> dict:
         "llm": {"path": config.llm.path, "dtype": config.llm.dtype,
                 "gguf_sha256": conversion.get("gguf_sha256"), "conversion_json": str(record) if conversion else None},
         "adapter": folder_hashes(config.adapter),
+        # The LoRA each text task switches to (summary, educate): what its numbers measure.
+        "task_adapters": {task: folder_hashes(str(path)) for task, path in resolve_task_adapters(config).items()
+                          if path is not None},
         "vision_weights": folder_hashes(config.vision.weights) if config.vision.path is None else None,
         "parameters": sum(p.numel() for p in weights),
         "embedder": config.embedder,

@@ -85,7 +85,9 @@ def _run_line(result: dict) -> str:
 
 def _model_line(result: dict, per: str = "") -> str:
     gen = result["generation"]
-    adapter = (result["model"].get("adapter") or {}).get("path") or "none (untrained base model)"
+    model = result["model"]
+    task_adapter = (model.get("task_adapters") or {}).get(result.get("task"), {}).get("path")
+    adapter = task_adapter or (model.get("adapter") or {}).get("path") or "none (untrained base model)"
     return (f"Greedy, max {gen['max_new_tokens']} new tokens; LoRA adapter: {adapter}; "
             f"{per + '; ' if per else ''}{_run_line(result)}.")
 

@@ -213,3 +213,31 @@ def test_add_commands_registers_evaluate_with_model_options():
     with pytest.raises(SystemExit):
         parser.parse_args(["evaluate", "--task", "bogus"])
     assert set(TASKS) == {"report", "summary", "educate", "triage", "retrieval"}
+
+
+def test_a_task_adapter_is_hashed_and_named_in_the_result_line(tmp_path):
+    import types
+
+    import torch
+
+    from assistant.evaluate import provenance
+    from assistant.evaluate_tables import _model_line
+    from conftest import tiny_config
+
+    report, educate = tmp_path / "report-lora", tmp_path / "educate-lora"
+    for folder in (report, educate):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(folder.name.encode())
+    config = tiny_config(**{"adapter": str(report), "task_adapters.educate": str(educate),
+                            "task_adapters.summary": None})
+    model = provenance(config, types.SimpleNamespace(hf=torch.nn.Linear(2, 2)))
+    assert set(model["task_adapters"]) == {"educate"}
+    assert model["task_adapters"]["educate"]["path"] == str(educate)
+    assert set(model["task_adapters"]["educate"]["files"]) == {"adapter_model.safetensors"}
+    result = {"task": "educate", "model": model, "generation": {"max_new_tokens": 8}, "elapsed_s": 1.0,
+              "command": "python -m assistant evaluate --task educate",
+              "environment": {"cpu_count": 2, "loadavg_1m_5m_15m": [0.5, 0.5, 0.5]}}
+    assert f"LoRA adapter: {educate};" in _model_line(result)
+    assert f"LoRA adapter: {report};" in _model_line({**result, "task": "report"})
+    base = provenance(config.override({"adapter": None}), types.SimpleNamespace(hf=torch.nn.Linear(2, 2)))
+    assert base["task_adapters"] == {}  # adapter null: the untrained base for every task
