@@ -76,6 +76,7 @@ def run_build_shortlist(args) -> int:
 
     from .base_models import resolve_llm_dir
     from .config import DEFAULT_LLM
+    from .fast_generate import eos_token_ids
     from .vocab_shortlist import build, save
 
     folder = resolve_llm_dir(args.llm or DEFAULT_LLM)
@@ -84,8 +85,7 @@ def run_build_shortlist(args) -> int:
     vocab_size = getattr(config.get_text_config(), "vocab_size", None) or len(tokenizer)
     eos = GenerationConfig.from_pretrained(str(folder)).eos_token_id if (folder / "generation_config.json").is_file() \
         else tokenizer.eos_token_id
-    eos_ids = eos if isinstance(eos, (list, tuple)) else [eos]
-    ids, meta = build(tokenizer, vocab_size, [i for i in eos_ids if i is not None])
+    ids, meta = build(tokenizer, vocab_size, eos_token_ids(eos))
     meta["llm"] = args.llm or DEFAULT_LLM
     save(Path(args.out), ids, meta)
     coverage = meta["held_out_coverage"]

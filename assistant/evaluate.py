@@ -217,10 +217,11 @@ def run_triage(limit: int | None = None, path: Path = VIGNETTES) -> dict:
 
 def folder_hashes(folder: str | Path | None) -> dict | None:
     """sha256 of every file in a weights folder (relative paths resolve from the repository root)."""
+    from .model import repo_path
+
     if folder is None:
         return None
-    path = Path(folder).expanduser()
-    path = path if path.is_absolute() or path.exists() else ROOT / path
+    path = repo_path(str(folder))
     if not path.is_dir():
         return {"path": str(folder), "missing": True}
     files = sorted(p for p in path.rglob("*") if p.is_file())

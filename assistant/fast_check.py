@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .fast_math import with_penalty
+
 # Greedy tokens drafted over the shortlist between two whole-vocabulary checks. More drafts per
 # check cost less per token (the check's pass over the matrix is shared) but arrive in longer
 # bursts and lose more work when a draft is replaced (rare: the shortlist covers 99.7% of the
@@ -64,8 +66,7 @@ class VocabularyCheck:
         logits = self._products(hidden)  # (vocab, n)
         if penalty != 1.0:
             for state, ids in enumerate(penalised):
-                values = logits[ids, state]
-                logits[ids, state] = torch.where(values < 0, values * penalty, values / penalty)
+                logits[ids, state] = with_penalty(logits[ids, state], penalty)
         return logits.max(0).indices
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

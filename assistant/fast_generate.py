@@ -48,7 +48,7 @@ class FastGeneration:
                                   shortlist=self._shortlist(text_model.config.vocab_size))
             adapters = self.vlm.adapter_names()
             for adapter in adapters:
-                decoder.weights_for(adapter)  # merge each LoRA once, before the first request
+                decoder.weights_for(adapter)  # each adapter's weights once, before the first request
             with torch.inference_mode():
                 decoder.warm_up(adapters[0])
             self.decoder = decoder
@@ -93,10 +93,15 @@ class FastGeneration:
         with torch.inference_mode():
             embeds = prompt_embeddings(self.vlm, inputs)
         if eos_ids is None:
-            eos = self.vlm.hf.generation_config.eos_token_id
-            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+            eos_ids = eos_token_ids(self.vlm.hf.generation_config.eos_token_id)
         yield from self.decoder.decode(adapter, embeds, inputs["input_ids"][0], gen.max_new_tokens,
                                        gen.repetition_penalty, gen.temperature, eos_ids)
+
+
+def eos_token_ids(eos: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
+    """A generation config's eos_token_id (one id, a list of them, or None) as a tuple of ids."""
+    ids = eos if isinstance(eos, (list, tuple)) else [eos]
+    return tuple(i for i in ids if i is not None)
 
 
 def prompt_embeddings(vlm, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

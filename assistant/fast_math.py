@@ -36,11 +36,15 @@ def with_lora(out: torch.Tensor, x: torch.Tensor, lora: list[torch.Tensor], modu
     return (out.float() + term.float()).to(out.dtype)
 
 
+def with_penalty(values: torch.Tensor, penalty) -> torch.Tensor:
+    """transformers' repetition penalty on the logits of seen tokens: divided by `penalty` when
+    positive, multiplied when negative."""
+    return torch.where(values < 0, values * penalty, values / penalty)
+
+
 def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
-    """transformers' repetition penalty: seen tokens' logits divided (positive) or multiplied
-    (negative) by `penalty`."""
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
+    """`logits` with the repetition penalty on the `seen` tokens (bool, one per logit)."""
+    return torch.where(seen, with_penalty(logits, penalty), logits)
 
 
 # ---- the parts of a decoder layer around attention (x: (..., hidden) in the model dtype) -----------
