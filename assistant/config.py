@@ -93,8 +93,9 @@ class GenerationConfig:
     max_new_tokens: int = 160
     temperature: float = 0.0  # greedy by default: drafts should be reproducible
     repetition_penalty: float = 1.1
-    # The app compiles assistant.fast_decode in the background and streams through it once ready
-    # (~3x transformers' generate on a CPU); false keeps generate only.
+    # The app readies assistant.fast_decode (its native C++ step, or the compiled torch step) in
+    # the background and streams through it once ready (~6x transformers' generate on our 2-core
+    # CPU); false keeps generate only.
     fast_decode: bool = True
     # Greedy fast decoding drafts over these output rows and checks each draft against the whole
     # vocabulary (same tokens, fewer bytes read per token); null scores every row at every step.

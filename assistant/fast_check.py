@@ -53,10 +53,16 @@ class VocabularyCheck:
     GEMM is compute-bound, 16 states over the 262k rows took 370 ms on our 2 cores against about
     95 ms here. The states are always padded to `slots` columns: the GEMM of 8 columns took as long
     as that of 16 (zero columns cost nothing else). The result stays in (rows, states) layout,
-    the GEMM's own: transposing 16 MB took another 20 ms."""
+    the GEMM's own: transposing 16 MB took another 20 ms.
 
-    def __init__(self, embed: torch.Tensor, slots: int = DRAFT_TOKENS, chunk_rows: int = CHUNK_ROWS):
+    With `products` (the native step's kernel, assistant.fast_native) each bf16 row is widened
+    once in registers for all the real states, no padding and no fp32 copy: about 65 ms for 16
+    states on the same cores, the same rounded values."""
+
+    def __init__(self, embed: torch.Tensor, slots: int = DRAFT_TOKENS, chunk_rows: int = CHUNK_ROWS,
+                 products=None):
         self.embed, self.slots, self.chunk_rows = embed, slots, chunk_rows
+        self.native_products = products  # NativeStep.products: the fused bf16 kernel, when built
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def greedy(self, hidden: torch.Tensor, penalised: list[torch.Tensor], penalty: float) -> torch.Tensor:
@@ -79,6 +85,9 @@ class VocabularyCheck:
         if not 0 < count <= self.slots:
             raise ValueError(f"a check takes 1 to {self.slots} hidden states, not {count}")
         chunk, states, out = self._buffers_for(hidden.shape[1])
+        if self.native_products is not None:  # only the real states, each bf16 row widened once for all
+            products = out.view(-1)[: self.embed.shape[0] * count].view(self.embed.shape[0], count)
+            return self.native_products(self.embed, hidden.float(), products)
         states.zero_()
         states[:, :count] = hidden.t()
         vocab = self.embed.shape[0]

@@ -1,26 +1,29 @@
-"""Fast one-sequence decoding of the Gemma 3 text model on a CPU: one compiled graph per token.
+"""Fast one-sequence decoding of the Gemma 3 text model on a CPU: one native call per token.
 
 Why: plain `generate` spends most of each step in Python and in torch's bf16 matrix-vector kernel,
 which reads the 262k x 640 output matrix at ~11 GB/s on our 2-core CPU while the memory bus gives
 20-30 GB/s. Here the whole token step (embedding, 18 decoder layers, final norm, output rows,
-repetition penalty, argmax) is one `torch.compile` graph: Inductor fuses each matrix-vector product
-into a vectorised reduction that streams the bf16 weights, and the KV cache is a preallocated
-buffer indexed by position (no per-step allocation or concatenation). Greedy steps score only a
-shortlist of the output rows, checked against all of them (assistant.fast_check).
+repetition penalty, argmax) is one call: the C++ step of assistant.fast_native (AVX2, each bf16
+weight row streamed once), or, where that cannot be built, one `torch.compile` graph in which
+Inductor fuses each matrix-vector product into a vectorised reduction. The KV cache is a
+preallocated buffer indexed by position (no per-step allocation or concatenation). Greedy steps
+score only a shortlist of the output rows, checked against all of them (assistant.fast_check).
 
 The math follows transformers' Gemma 3 (RMSNorm with 1 + weight in fp32, q/k norms, two RoPE
 tables, sliding-window layers, embedding scale, tied output matrix) and peft's LoRA, computed beside
 the base matrices with peft's roundings rather than merged into them (a merged bf16 weight rounds
 differently, and a near-tie then flips a token). Every product sums in fp32 and is rounded to the
 model dtype, like the reference path; only the order of the fp32 sums differs. Greedy tokens match
-`generate`'s in the tests (tests/test_fast_decode.py); the generation benchmark measures agreement
-on the real model over held-out prompts. The prompt, image tokens included, is prefilled in fp32
-matrix products (assistant.fast_prefill) straight into the decoder's cache.
+`generate`'s in the tests (tests/test_fast_decode.py, tests/test_fast_native.py); the generation
+benchmark measures agreement on the real model over held-out prompts. The prompt, image tokens
+included, is prefilled in fp32 matrix products (assistant.fast_prefill) straight into the
+decoder's cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -28,8 +31,11 @@ import torch
 
 from .fast_check import DRAFT_TOKENS, Shortlist, VocabularyCheck, rows_of
 from .fast_math import after_attention, attention_inputs, penalise, rms_norm, rotate
+from .fast_native import NativeStep, NativeUnavailable
 from .fast_prefill import prefill
 from .fast_weights import DecoderShape, DecoderWeights, LoraLayout, decoder_weights, rope_tables, split_layers
+
+log = logging.getLogger(__name__)
 
 CACHE_BLOCK = 128  # attention reads the cache up to the next multiple of this (a smaller block reads
 # fewer stale slots; every span shares one dynamic graph)
@@ -123,11 +129,13 @@ class FastDecoder:
     a token outside the shortlist costs a redrafted round, never a different answer. Sampling
     scores every row at every step.
 
-    `weights_for(adapter)` builds (once per adapter) the weights; every adapter shares one compiled
-    graph because the weights and the output rows are graph inputs, not constants."""
+    `weights_for(adapter)` builds (once per adapter) the weights; every adapter shares one step
+    (and, for the torch step, one compiled graph: the weights and the output rows are graph
+    inputs, not constants). `native=False` keeps the torch step (compiled, or eager with
+    `compile=False`); `kernel` tells which one runs."""
 
     def __init__(self, text_model, max_positions: int = 4096, compile: bool = True,
-                 shortlist: Shortlist | None = None):
+                 shortlist: Shortlist | None = None, native: bool = True):
         self.shape = DecoderShape.from_config(text_model.config)
         self.text_model = text_model
         self.max_positions = max_positions
@@ -139,10 +147,22 @@ class FastDecoder:
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cache_lock = threading.Lock()  # one sequence at a time owns the cache
         self.last_stats = DecodeStats()
+        self.native = self._native_step() if native else None
         # The output matrix is the tied embedding, which no adapter changes: one check serves all.
-        self.check = VocabularyCheck(text_model.embed_tokens.weight.detach())
+        self.check = VocabularyCheck(text_model.embed_tokens.weight.detach(),
+                                     products=self.native.products if self.native else None)
         step = self._eager_step
-        self._step = torch.compile(step, dynamic=None, options=COMPILE_OPTIONS) if compile else step
+        self._step = torch.compile(step, dynamic=None, options=COMPILE_OPTIONS) if compile and not self.native else step
+        self.kernel = "native" if self.native else "compiled" if compile else "eager"
+
+    def _native_step(self) -> NativeStep | None:
+        """The C++ token step (assistant.fast_native), or None with the reason logged: the
+        compiled torch step then runs instead."""
+        try:
+            return NativeStep(self.shape, self.lora_layout, self.cos, self.sin)
+        except NativeUnavailable as err:
+            log.info("native decoding step off, using the compiled torch step: %s", err)
+            return None
 
     def _eager_step(self, weights, head, token, position, keys, values, cos, sin, seen, penalty):
         return decode_step(self.shape, self.lora_layout, weights, head, token, position, keys, values, cos, sin,
@@ -179,13 +199,14 @@ class FastDecoder:
         return torch.nn.functional.linear(hidden, weights.embed)[0]
 
     def warm_up(self, adapter: str | None) -> None:
-        """Compile the token step (one graph for every span and every number of output rows) on a
-        throwaway token, with the shortlist's rows when there is one (the rows greedy decoding scores)."""
+        """Run the token step once on a throwaway token, with the shortlist's rows when there is one
+        (the rows greedy decoding scores): this compiles the torch step (one graph for every span
+        and every number of output rows); the native step has nothing to compile."""
         with self._cache_lock, torch.inference_mode():
             weights = self.weights_for(adapter)
             head = rows_of(weights.embed, self.shortlist.ids) if self.shortlist is not None else weights.embed
             seen = torch.zeros(head.shape[0], dtype=torch.bool)
-            self._advance(weights.tensors(), head, torch.tensor(0), 1, seen, 1.0)
+            self._advance(weights, head, torch.tensor(0), 1, seen, 1.0)
 
     def fits(self, prompt_length: int, max_new_tokens: int) -> bool:
         return prompt_length + max_new_tokens <= self.max_positions
@@ -223,12 +244,11 @@ class FastDecoder:
 
     def _every_row(self, weights, token, position, seen, penalty, temperature, generator) -> Iterator[torch.Tensor]:
         """The token, then one step per token scoring the whole vocabulary (endless: `decode` stops it)."""
-        tensors = weights.tensors()
         while True:
             yield token
             with torch.inference_mode():  # per step, never across a yield (the mode is thread state)
                 seen[token] = True
-                logits, greedy, _ = self._advance(tensors, weights.embed, token, position, seen, penalty)
+                logits, greedy, _ = self._advance(weights, weights.embed, token, position, seen, penalty)
                 token = _choose(logits, greedy, temperature, generator)
             position += 1
             self.last_stats.steps += 1
@@ -254,12 +274,12 @@ class FastDecoder:
         """Draft up to `steps` tokens from `token` at `position` over the shortlist rows, check them in
         one pass over the whole output matrix, and return the checked tokens: the drafts up to the
         first wrong one, then the right token in its place. `seen` ends holding the kept steps' tokens."""
-        tensors, fed, drafts, hidden = weights.tensors(), token, [], []
+        fed, drafts, hidden = token, [], []
         seen[token] = True
         before = seen.clone()  # the penalty's tokens at the round's first step
         for offset in range(steps):
             seen[fed] = True
-            _, best, h = self._advance(tensors, head, fed, position + offset, seen[rows], penalty)
+            _, best, h = self._advance(weights, head, fed, position + offset, seen[rows], penalty)
             fed = rows[best]
             drafts.append(fed)
             hidden.append(h)
@@ -278,10 +298,12 @@ class FastDecoder:
         stats.checks, stats.rejected = stats.checks + 1, stats.rejected + len(drafts) - kept
         return list(checked[:kept])
 
-    def _advance(self, weights, head, token, position: int, seen, penalty: float):
+    def _advance(self, weights: DecoderWeights, head, token, position: int, seen, penalty: float):
         """Run the step for `token` at `position`, scoring the rows of `head`, and store its keys and
         values: (logits, greedy row, final hidden state)."""
         keys, values = self.cache()
+        if self.native is not None:
+            return self.native.step(weights, head, int(token), position, keys, values, seen, penalty)
         span = min(self.max_positions, max(1, -(-position // CACHE_BLOCK)) * CACHE_BLOCK)
         past_keys, past_values = keys[:, :, :span], values[:, :, :span]
         # A fresh view: marking `head` itself would mark the embedding when it is the whole matrix
@@ -290,7 +312,7 @@ class FastDecoder:
         for tensor, dim in ((past_keys, 2), (past_values, 2), (head, 0), (seen, 0)):
             torch._dynamo.mark_dynamic(tensor, dim)  # one graph for every span and row count
         logits, greedy, new_keys, new_values, hidden = self._step(
-            weights, head, token.view(1), torch.tensor([position]), past_keys, past_values, self.cos, self.sin,
+            weights.tensors(), head, token.view(1), torch.tensor([position]), past_keys, past_values, self.cos, self.sin,
             seen, torch.tensor(float(penalty)))  # a tensor: no recompile per value
         keys[:, :, position] = new_keys
         values[:, :, position] = new_values

@@ -1,9 +1,11 @@
-"""ClinicalVLM generation through the compiled decoder (assistant.fast_decode), once it is ready.
+"""ClinicalVLM generation through the fast decoder (assistant.fast_decode), once it is ready.
 
-`FastGeneration.start()` builds the decoder and compiles its token step in a background thread
-(about a minute the first time on 2 cores, seconds once Inductor's on-disk cache holds it); until
-then, and for anything the decoder does not implement (batches, other architectures, prompts past
-its cache), `ClinicalVLM.stream` keeps using transformers' `generate`. Nobody waits for a compile.
+`FastGeneration.start()` builds the decoder in a background thread: with the native step, a few
+seconds (its C++ kernel is built once per machine, then loaded from the cache); with the
+compiled torch step, about a minute the first time on 2 cores and seconds once Inductor's on-disk
+cache holds it. Until then, and for anything the decoder does not implement (batches, other
+architectures, prompts past its cache), `ClinicalVLM.stream` keeps using transformers'
+`generate`. Nobody waits for a build or a compile.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class FastGeneration:
                 decoder.warm_up(adapters[0])
             self.decoder = decoder
             self.ready.set()
-            log.info("fast decoding ready")
+            log.info("fast decoding ready (%s step)", decoder.kernel)
         except FastDecodeUnsupported as err:
             self.failure = str(err)
             log.info("fast decoding off: %s", err)

@@ -8,11 +8,13 @@ Measures, greedy and on a fixed prompt (the 966_fixed chest DICOM + "cough"):
   (bytes read per token = every language-model weight in the runtime dtype, the tied 262k x 640
   embedding once, as lm_head), and achieved / bound;
 - the same decode on plain transformers (bf16 and fp32), without the LLaVA wrapper;
-- the fast path (assistant.fast_decode, compiled) in both modes, as served (greedy drafts over the
+- the fast path (assistant.fast_decode with its native C++ step, or the compiled torch step where
+  that cannot be built) in both modes, as served (greedy drafts over the
   vocabulary shortlist, checked against the whole vocabulary) and scoring every output row at every
   step: decode tokens/s, the bytes its steps and checks read per token and the bound they put on
   it, achieved / bound, the longest wait between two tokens, whether its greedy tokens equal the
-  reference's; and greedy agreement with `generate` over held-out report prompts;
+  reference's; the served mode again with the compiled torch step (what the native one replaced);
+  and greedy agreement with `generate` over held-out report prompts;
 - llama.cpp (llama-cpp-python, an optional extra) on the packaged Q4_K_M GGUF of the same base
   model, same 2 threads, with the fast path's ratio to it.
 
@@ -181,10 +183,18 @@ def fast_path(assistant: Assistant, inputs: dict, tokens: int, runs: int, bandwi
     if shortlist is not None:
         modes["shortlist"] = fast_mode(assistant, generation, inputs, tokens, runs, bandwidth_gb_s, reference, shortlist)
         modes["shortlist"]["tokens_equal_every_row"] = modes["shortlist"]["ids"] == modes["every_row"]["ids"]
+    kernel = generation.decoder.kernel
+    if kernel == "native":  # the torch step the native one replaced, in the same run, for the ratio
+        modes["torch_step"] = torch_step_mode(assistant, generation, inputs, tokens, runs, bandwidth_gb_s,
+                                              reference, shortlist)
+        served_ids = modes["shortlist" if shortlist is not None else "every_row"]["ids"]
+        modes["torch_step"]["first_difference_from_native"] = next(
+            (i for i, (a, b) in enumerate(zip(modes["torch_step"]["ids"], served_ids)) if a != b), None)
     for mode in modes.values():
         mode.pop("ids")
     served = "shortlist" if shortlist is not None else "every_row"
-    result = {"compile_or_cache_load_s": compile_s, "served_mode": served, "modes": modes, **modes[served],
+    result = {"kernel": kernel, "compile_or_cache_load_s": compile_s, "served_mode": served, "modes": modes,
+              **modes[served],
               "shortlist_rows": int(shortlist.ids.numel()) if shortlist is not None else None,
               "prefill_s_median": fast_prefill_seconds(assistant, generation, inputs, runs)}
     if agreement_prompts:
@@ -192,6 +202,25 @@ def fast_path(assistant: Assistant, inputs: dict, tokens: int, runs: int, bandwi
         generation.decoder.shortlist = shortlist
         result["agreement"] = greedy_agreement(assistant, generation, tokens, agreement_prompts)
     return result
+
+
+def torch_step_mode(assistant: Assistant, generation, inputs: dict, tokens: int, runs: int, bandwidth_gb_s: float,
+                    reference: list[int], shortlist) -> dict:
+    """The served mode with the compiled torch step (assistant.fast_decode's Inductor graph)
+    instead of the native one: a second decoder, swapped in for these runs only."""
+    from assistant.fast_decode import FastDecoder
+
+    native = generation.decoder
+    start = time.perf_counter()
+    decoder = FastDecoder(native.text_model, native.max_positions, compile=True, shortlist=shortlist, native=False)
+    decoder.warm_up(assistant.vlm.adapter_name("report"))
+    compile_s = time.perf_counter() - start
+    generation.decoder = decoder
+    try:
+        return {**fast_mode(assistant, generation, inputs, tokens, runs, bandwidth_gb_s, reference, shortlist),
+                "compile_or_cache_load_s": compile_s}
+    finally:
+        generation.decoder = native
 
 
 def fast_prefill_seconds(assistant: Assistant, generation, inputs: dict, runs: int) -> float:

@@ -83,9 +83,23 @@ def render_generation(r: dict) -> str:
     return "\n\n".join(parts)
 
 
-FAST_MODE_NAMES = {"shortlist": "fast path as served: compiled step, greedy drafts over {rows} shortlist rows "
+FAST_MODE_NAMES = {"shortlist": "fast path as served: {kernel} step, greedy drafts over {rows} shortlist rows "
                                 "checked against all 262,144",
-                   "every_row": "fast path scoring every output row at every step"}
+                   "every_row": "fast path, {kernel} step, scoring every output row at every step",
+                   "torch_step": "the same drafts with the compiled torch step (Inductor) instead"}
+
+
+def startup_line(fast: dict) -> str:
+    """How long the decoder took to get ready, and for the torch step how its tokens compare."""
+    if fast.get("kernel") != "native":
+        return f"compile (or Inductor cache load) {fast['compile_or_cache_load_s']:.0f} s"
+    line = f"native step built (or loaded) and weights laid out in {fast['compile_or_cache_load_s']:.0f} s"
+    if torch_step := fast.get("modes", {}).get("torch_step"):
+        first = torch_step.get("first_difference_from_native")
+        same = "the same tokens" if first is None else f"tokens that first differ at token {first}"
+        line += (f"; the compiled torch step compiled (or loaded) in {torch_step['compile_or_cache_load_s']:.0f} s "
+                 f"and gave {same}")
+    return line
 
 
 def render_fast_path(r: dict) -> list[str]:
@@ -101,7 +115,8 @@ def render_fast_path(r: dict) -> list[str]:
              f"{r['model_bytes']['bytes_per_token'] / 1e6:.0f}", f"{r['decode_bound_tokens_per_s']:.1f}",
              f"{r['achieved_over_bound']:.2f}", "1.00", f"{reference / llama_rate:.2f}" if llama_rate else "-"]]
     for key, mode in fast.get("modes", {"served": fast}).items():
-        name = FAST_MODE_NAMES.get(key, "fast path").format(rows=f"{fast.get('shortlist_rows') or 0:,}")
+        name = FAST_MODE_NAMES.get(key, "fast path").format(rows=f"{fast.get('shortlist_rows') or 0:,}",
+                                                            kernel=fast.get("kernel", "compiled"))
         rate = mode["decode_tokens_per_s_median"]
         rows.append([name, f"{rate:.1f}", f"{mode['bytes_per_token'] / 1e6:.0f}", f"{mode['bound_tokens_per_s']:.1f}",
                      f"{mode['achieved_over_bound']:.2f}", f"{rate / reference:.2f}",
@@ -117,8 +132,7 @@ def render_fast_path(r: dict) -> list[str]:
     prefill = f"prefill of the study {fast['prefill_s_median']:.2f} s; " if "prefill_s_median" in fast else ""
     lines = [f"Fast path greedy tokens on this prompt ({fast['compared_tokens']} compared) {same}; {prefill}time to first "
              f"token {fast['ttft_s_median']:.2f} s; longest wait between two tokens "
-             f"{fast['longest_gap_between_tokens_s'] * 1000:.0f} ms; compile (or Inductor cache load) "
-             f"{fast['compile_or_cache_load_s']:.0f} s."]
+             f"{fast['longest_gap_between_tokens_s'] * 1000:.0f} ms; " + startup_line(fast) + "."]
     if "shortlist" in fast.get("modes", {}):
         mode = fast["modes"]["shortlist"]
         lines.append(f"Shortlist drafting: {mode['steps']} steps and {mode['checks']} whole-vocabulary checks for "

@@ -66,11 +66,12 @@ def test_greedy_tokens_match_generate_across_the_sliding_window(length):
     assert fast(model, decoder, prompt, 24) == reference(model, prompt, 24)
 
 
-def test_bf16_greedy_tokens_match_generate():
+@pytest.mark.parametrize("native", [False, True], ids=["torch-step", "native-step"])
+def test_bf16_greedy_tokens_match_generate(native):
     model = small_gemma(seed=9, dtype=torch.bfloat16)
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(8)  # tied output matrix: logits 8x wider apart
-    decoder = FastDecoder(model.model, max_positions=64, compile=False)
+    decoder = FastDecoder(model.model, max_positions=64, compile=False, native=native)
     prompt = prompt_ids(9, seed=9)
     assert fast(model, decoder, prompt, 24) == reference(model, prompt, 24)
 

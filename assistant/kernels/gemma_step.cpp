@@ -1,0 +1,402 @@
+// One Gemma 3 decoding step on a CPU with AVX2 and FMA, bf16 weights, for the fast decoder
+// (assistant/fast_native.py builds this file and calls it through ctypes).
+//
+// Why hand-written: on AVX2 (no native bf16 arithmetic) neither torch's bf16 kernels nor the
+// Inductor-generated reductions stream the weights at memory speed, and a compiled torch graph
+// still pays a dispatcher call per operation. Here each weight row is read once, widened to fp32
+// in registers (a bf16 value is the top half of an fp32 one) and multiplied into fp32 sums.
+//
+// The arithmetic is assistant/fast_math.py's, which is transformers' and peft's: every product
+// sums in fp32 and is rounded to bf16 where the reference rounds (matrix products, norms, RoPE
+// terms, residual sums, the LoRA term, attention probabilities); only the order of the fp32 sums
+// differs. Threads: OpenMP (the libgomp torch itself loads), splitting each product's rows.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef uint16_t bf16;
+
+// Threads per product: torch's setting, passed in by the caller (an OpenMP setting made in one
+// Python thread does not reach the others, and requests arrive on the app's worker threads).
+int thread_count = 1;
+
+inline float bf16_to_float(bf16 value) {
+    uint32_t bits = static_cast<uint32_t>(value) << 16;
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+
+// Round to nearest even, as torch converts fp32 to bf16.
+inline bf16 float_to_bf16(float value) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((bits >> 16) | 0x40);  // NaN stays NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return static_cast<bf16>(bits >> 16);
+}
+
+inline float round_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
+
+inline __m256 load_bf16x8(const bf16* source) {
+    __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float horizontal_sum(__m256 v) {
+    __m128 low = _mm256_castps256_ps128(v), high = _mm256_extractf128_ps(v, 1);
+    __m128 sum = _mm_add_ps(low, high);
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+    return _mm_cvtss_f32(sum);
+}
+
+// Software prefetch distance, in bf16 values ahead of the row being read (8 KB): the hardware
+// prefetcher alone left a 2-thread product at about 15 GB/s, this at about 20.
+constexpr int64_t PREFETCH_AHEAD = 4096;
+
+// Products read sixteen bf16 values per 32-byte load and widen them without a shuffle: in each
+// 32-bit lane the even value is the low half (shifted up, it is that value's fp32) and the odd one
+// the high half (masked, likewise). So x is laid out to match once per product (`interleave`):
+// per 16 values, the eight even ones, then the eight odd ones.
+constexpr int64_t BLOCK = 16;
+
+void interleave(const float* x, int64_t cols, float* xp) {
+    for (int64_t c = 0; c < cols; c += BLOCK)
+        for (int64_t i = 0; i < BLOCK / 2; ++i) {
+            xp[c + i] = x[c + 2 * i];
+            xp[c + BLOCK / 2 + i] = x[c + 2 * i + 1];
+        }
+}
+
+inline void widen16(const bf16* source, __m256& even, __m256& odd) {
+    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// Dot products of four consecutive bf16 rows (stride `cols`, a multiple of 16) with x laid out by
+// `interleave` (xp).
+inline void dot4(const bf16* rows, int64_t cols, const float* xp, float* out) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    const bf16* row[4] = {rows, rows + cols, rows + 2 * cols, rows + 3 * cols};
+    for (int64_t c = 0; c < cols; c += BLOCK) {
+        if (c % 32 == 0)  // one prefetch per 64-byte line of each row
+            for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(row[i] + c + PREFETCH_AHEAD), _MM_HINT_T0);
+        __m256 x_even = _mm256_loadu_ps(xp + c), x_odd = _mm256_loadu_ps(xp + c + BLOCK / 2);
+        for (int i = 0; i < 4; ++i) {
+            __m256 even, odd;
+            widen16(row[i] + c, even, odd);
+            acc[2 * i] = _mm256_fmadd_ps(even, x_even, acc[2 * i]);
+            acc[2 * i + 1] = _mm256_fmadd_ps(odd, x_odd, acc[2 * i + 1]);
+        }
+    }
+    for (int i = 0; i < 4; ++i) out[i] = horizontal_sum(_mm256_add_ps(acc[2 * i], acc[2 * i + 1]));
+}
+
+inline float dot1(const bf16* row, int64_t cols, const float* x) {
+    int64_t c = 0;
+    __m256 acc = _mm256_setzero_ps();
+    for (; c + 8 <= cols; c += 8) acc = _mm256_fmadd_ps(load_bf16x8(row + c), _mm256_loadu_ps(x + c), acc);
+    float sum = horizontal_sum(acc);
+    for (; c < cols; ++c) sum += bf16_to_float(row[c]) * x[c];
+    return sum;
+}
+
+// out[r] = round_bf16(sum_c W[r, c] x[c]) for rows [begin, end): fp32 sums of exact bf16 products.
+// `xp` is x laid out by `interleave` when cols is a multiple of 16, else x itself.
+void matvec_rows(const bf16* weight, int64_t begin, int64_t end, int64_t cols, const float* x, const float* xp,
+                 float* out) {
+    int64_t r = begin;
+    if (cols % BLOCK == 0) {
+        float sums[4];
+        for (; r + 4 <= end; r += 4) {
+            dot4(weight + r * cols, cols, xp, sums);
+            for (int i = 0; i < 4; ++i) out[r + i] = round_bf16(sums[i]);
+        }
+    }
+    for (; r < end; ++r) out[r] = round_bf16(dot1(weight + r * cols, cols, x));
+}
+
+// The rows split between the threads (small products stay on one thread: a fork costs more).
+void matvec(const bf16* weight, int64_t rows, int64_t cols, const float* x, float* out) {
+    std::vector<float> xp(cols);
+    if (cols % BLOCK == 0) interleave(x, cols, xp.data());
+    if (rows * cols < (1 << 15)) {
+        matvec_rows(weight, 0, rows, cols, x, xp.data(), out);
+        return;
+    }
+#pragma omp parallel num_threads(thread_count)
+    {
+        int threads = omp_get_num_threads(), id = omp_get_thread_num();
+        int64_t per = ((rows + threads - 1) / threads + 3) / 4 * 4;  // a multiple of 4 rows each
+        int64_t begin = id * per, end = begin + per < rows ? begin + per : rows;
+        if (begin < end) matvec_rows(weight, begin, end, cols, x, xp.data(), out);
+    }
+}
+
+struct Shape {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, layers, window, rank, norm_width;
+    float eps, scaling;
+    int64_t has_lora;  // unused by the step (per-layer pointers tell), kept for the ABI's alignment
+};
+
+// Gemma's RMSNorm of n values in fp32: x * rsqrt(mean(x^2) + eps) * scale, rounded to bf16.
+void rms_norm(const float* x, int64_t n, const float* scale, float eps, float* out) {
+    float squares = 0.f;
+    for (int64_t i = 0; i < n; ++i) squares += x[i] * x[i];
+    float inverse = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) out[i] = round_bf16(x[i] * inverse * scale[i]);
+}
+
+// peft's LoRA term added to `out` (the base product of x): B (A x) rounded, times the scaling
+// rounded, the sum rounded; lora points at module `module`'s A (rank, in) and B (out, rank).
+void add_lora(const bf16* const* lora, const float* scalings, int module, int64_t rank, int64_t in,
+              int64_t out_rows, const float* x, float* out, float* scratch) {
+    float scaling = scalings[module];
+    if (scaling == 0.f) return;  // an adapter without LoRA here: B is zero, the term adds exactly 0
+    matvec(lora[2 * module], rank, in, x, scratch);  // rank x in: small, one thread
+    for (int64_t r = 0; r < out_rows; ++r) {
+        float term = round_bf16(round_bf16(dot1(lora[2 * module + 1] + r * rank, rank, scratch)) * scaling);
+        out[r] = round_bf16(out[r] + term);
+    }
+}
+
+// Rotary embedding (rotate-half form) of one head in bf16 arithmetic: x cos + rotate(x) sin.
+void rotate(float* x, int64_t dim, const bf16* cos, const bf16* sin) {
+    int64_t half = dim / 2;
+    std::vector<float> rotated(dim);
+    for (int64_t i = 0; i < half; ++i) {
+        rotated[i] = -x[half + i];
+        rotated[half + i] = x[i];
+    }
+    for (int64_t i = 0; i < dim; ++i)
+        x[i] = round_bf16(round_bf16(x[i] * bf16_to_float(cos[i])) + round_bf16(rotated[i] * bf16_to_float(sin[i])));
+}
+
+// Softmax attention of the heads sharing one kv head over the visible cached slots and the token
+// itself; probabilities rounded to bf16 as the reference's `.to(q.dtype)` does.
+void attend(const float* q, int64_t group, int64_t dim, const float* k, const float* v, const float* keys,
+            const float* values, int64_t first, int64_t position, float scaling, float* out) {
+    int64_t count = position - first + 1;  // visible slots [first, position) and the token itself
+    std::vector<float> scores(count);
+    for (int64_t g = 0; g < group; ++g) {
+        const float* qh = q + g * dim;
+        float best = -INFINITY;
+        for (int64_t s = 0; s < count; ++s) {
+            const float* key = s + first < position ? keys + (s + first) * dim : k;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t c = 0; c < dim; c += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c), _mm256_loadu_ps(key + c), acc);
+            scores[s] = horizontal_sum(acc) * scaling;
+            best = scores[s] > best ? scores[s] : best;
+        }
+        float total = 0.f;
+        for (int64_t s = 0; s < count; ++s) total += (scores[s] = std::exp(scores[s] - best));
+        for (int64_t s = 0; s < count; ++s) scores[s] = round_bf16(scores[s] / total);
+        float* oh = out + g * dim;
+        for (int64_t c = 0; c < dim; c += 8) {  // eight output columns at a time over every slot
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t s = 0; s < count; ++s) {
+                const float* value = s + first < position ? values + (s + first) * dim : v;
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[s]), _mm256_loadu_ps(value + c), acc);
+            }
+            _mm256_storeu_ps(oh + c, acc);
+        }
+        for (int64_t c = 0; c < dim; ++c) oh[c] = round_bf16(oh[c]);
+    }
+}
+
+// e^x for eight floats: Cephes' expf (2^n times a degree-7 polynomial on [-ln2/2, ln2/2]), within
+// 2 ulp of libm's; the per-value libm call cost more than the rest of a layer's elementwise work.
+inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// transformers' gelu (tanh form) of eight floats: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
+// tanh(u) as 1 - 2 / (e^(2u) + 1) (saturating to +-1 for large |u|).
+inline __m256 gelu_tanh8(__m256 x) {
+    __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), cube, x));
+    __m256 e = exp8(_mm256_add_ps(u, u));
+    __m256 t = _mm256_sub_ps(_mm256_set1_ps(1.f), _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, _mm256_set1_ps(1.f))));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.f), t));
+}
+
+// act = gelu(gate) * up in bf16 arithmetic (gelu in fp32, rounded; the product rounded).
+void gated(const float* gate, const float* up, int64_t n, float* act) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(act + i, gelu_tanh8(_mm256_loadu_ps(gate + i)));
+    for (; i < n; ++i) {
+        const float k = 0.7978845608028654f;
+        act[i] = 0.5f * gate[i] * (1.f + std::tanh(k * (gate[i] + 0.044715f * gate[i] * gate[i] * gate[i])));
+    }
+    for (i = 0; i < n; ++i) act[i] = round_bf16(round_bf16(act[i]) * up[i]);
+}
+
+// A 4-row x 3-state tile of the check: rows widened to fp32 (block <= 4 of them), states fp32,
+// twelve sums in registers so each loaded vector serves three or four products.
+inline void tile(const float* rows, int64_t block, const float* states, int64_t count, int64_t cols, float* out,
+                 int64_t out_stride) {
+    __m256 acc[4][3];
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 3; ++j) acc[i][j] = _mm256_setzero_ps();
+    const float* s1 = states + (count > 1 ? cols : 0);
+    const float* s2 = states + (count > 2 ? 2 * cols : 0);
+    const float* r1 = rows + (block > 1 ? cols : 0);
+    const float* r2 = rows + (block > 2 ? 2 * cols : 0);
+    const float* r3 = rows + (block > 3 ? 3 * cols : 0);
+    for (int64_t c = 0; c < cols; c += 8) {
+        __m256 v0 = _mm256_loadu_ps(states + c), v1 = _mm256_loadu_ps(s1 + c), v2 = _mm256_loadu_ps(s2 + c);
+        const float* row[4] = {rows, r1, r2, r3};
+        for (int i = 0; i < 4; ++i) {
+            __m256 w = _mm256_loadu_ps(row[i] + c);
+            acc[i][0] = _mm256_fmadd_ps(w, v0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(w, v1, acc[i][1]);
+            acc[i][2] = _mm256_fmadd_ps(w, v2, acc[i][2]);
+        }
+    }
+    for (int64_t i = 0; i < block; ++i)
+        for (int64_t j = 0; j < count; ++j) out[i * out_stride + j] = round_bf16(horizontal_sum(acc[i][j]));
+}
+
+}  // namespace
+
+extern "C" {
+
+// Widened weights: `weights` is DecoderWeights.tensors() as data pointers (embed, final norm, then
+// per layer qkv, o, gate_up, down, norms and, on LoRA layers, 14 factors and the scalings).
+// `lora_layers[i]` tells whether layer i carries LoRA tensors. The token's keys and values go
+// straight into the cache (layers, kv_heads, cache_positions, head_dim) at `position`.
+int gemma_step(const Shape* shape, const void* const* weights, const uint8_t* lora_layers, const uint8_t* sliding,
+               const bf16* head, int64_t head_rows, int64_t token, int64_t position, float* keys, float* values,
+               int64_t cache_positions, const bf16* cos, const bf16* sin, int64_t table_positions,
+               const uint8_t* seen, float penalty, float embed_scale, float* logits, int64_t* best,
+               bf16* hidden_out) {
+    const Shape& s = *shape;
+    if (position >= cache_positions || position >= table_positions || s.head_dim % 8) return 1;
+    const int64_t q_size = s.heads * s.head_dim, kv_size = s.kv_heads * s.head_dim;
+    const int64_t group = s.heads / s.kv_heads;
+    std::vector<float> h(s.hidden), x(s.hidden), mixed(q_size + 2 * kv_size), attended(q_size),
+        projected(s.hidden), gate_up(2 * s.intermediate), act(s.intermediate), down(s.hidden),
+        normed(s.hidden), scratch(s.rank > 0 ? s.rank : 1);
+    std::vector<float> head_vector(q_size > kv_size ? q_size : kv_size);
+    const bf16* embed = static_cast<const bf16*>(weights[0]);
+    for (int64_t i = 0; i < s.hidden; ++i) h[i] = round_bf16(bf16_to_float(embed[token * s.hidden + i]) * embed_scale);
+    int64_t cursor = 2;
+    for (int64_t layer = 0; layer < s.layers; ++layer) {
+        const bf16* qkv = static_cast<const bf16*>(weights[cursor]);
+        const bf16* o = static_cast<const bf16*>(weights[cursor + 1]);
+        const bf16* gu = static_cast<const bf16*>(weights[cursor + 2]);
+        const bf16* dn = static_cast<const bf16*>(weights[cursor + 3]);
+        const float* norms = static_cast<const float*>(weights[cursor + 4]);
+        const bf16* const* lora = lora_layers[layer] ? reinterpret_cast<const bf16* const*>(weights + cursor + 5) : nullptr;
+        const float* scalings = lora ? static_cast<const float*>(weights[cursor + 5 + 14]) : nullptr;
+        cursor += 5 + (lora ? 15 : 0);
+
+        rms_norm(h.data(), s.hidden, norms, s.eps, x.data());
+        matvec(qkv, q_size + 2 * kv_size, s.hidden, x.data(), mixed.data());
+        float *q = mixed.data(), *k = q + q_size, *v = k + kv_size;
+        if (lora) {
+            add_lora(lora, scalings, 0, s.rank, s.hidden, q_size, x.data(), q, scratch.data());
+            add_lora(lora, scalings, 1, s.rank, s.hidden, kv_size, x.data(), k, scratch.data());
+            add_lora(lora, scalings, 2, s.rank, s.hidden, kv_size, x.data(), v, scratch.data());
+        }
+        int64_t table = sliding[layer] ? 0 : 1;
+        const bf16* c = cos + (table * table_positions + position) * s.head_dim;
+        const bf16* sn = sin + (table * table_positions + position) * s.head_dim;
+        for (int64_t head_index = 0; head_index < s.heads + s.kv_heads; ++head_index) {
+            bool is_query = head_index < s.heads;
+            float* vector = is_query ? q + head_index * s.head_dim : k + (head_index - s.heads) * s.head_dim;
+            rms_norm(vector, s.head_dim, norms + (is_query ? 4 : 5) * s.norm_width, s.eps, head_vector.data());
+            std::memcpy(vector, head_vector.data(), s.head_dim * sizeof(float));
+            rotate(vector, s.head_dim, c, sn);
+        }
+        int64_t first = sliding[layer] ? (position - s.window + 1 > 0 ? position - s.window + 1 : 0) : 0;
+        for (int64_t kv = 0; kv < s.kv_heads; ++kv) {
+            float* key_slots = keys + ((layer * s.kv_heads + kv) * cache_positions) * s.head_dim;
+            float* value_slots = values + ((layer * s.kv_heads + kv) * cache_positions) * s.head_dim;
+            attend(q + kv * group * s.head_dim, group, s.head_dim, k + kv * s.head_dim, v + kv * s.head_dim,
+                   key_slots, value_slots, first, position, s.scaling, attended.data() + kv * group * s.head_dim);
+            std::memcpy(key_slots + position * s.head_dim, k + kv * s.head_dim, s.head_dim * sizeof(float));
+            std::memcpy(value_slots + position * s.head_dim, v + kv * s.head_dim, s.head_dim * sizeof(float));
+        }
+        matvec(o, s.hidden, q_size, attended.data(), projected.data());
+        if (lora) add_lora(lora, scalings, 3, s.rank, q_size, s.hidden, attended.data(), projected.data(), scratch.data());
+        rms_norm(projected.data(), s.hidden, norms + 1 * s.norm_width, s.eps, normed.data());
+        for (int64_t i = 0; i < s.hidden; ++i) h[i] = round_bf16(h[i] + normed[i]);
+        rms_norm(h.data(), s.hidden, norms + 2 * s.norm_width, s.eps, x.data());
+        matvec(gu, 2 * s.intermediate, s.hidden, x.data(), gate_up.data());
+        float *gate = gate_up.data(), *up = gate + s.intermediate;
+        if (lora) {
+            add_lora(lora, scalings, 4, s.rank, s.hidden, s.intermediate, x.data(), gate, scratch.data());
+            add_lora(lora, scalings, 5, s.rank, s.hidden, s.intermediate, x.data(), up, scratch.data());
+        }
+        gated(gate, up, s.intermediate, act.data());
+        matvec(dn, s.hidden, s.intermediate, act.data(), down.data());
+        if (lora) add_lora(lora, scalings, 6, s.rank, s.intermediate, s.hidden, act.data(), down.data(), scratch.data());
+        rms_norm(down.data(), s.hidden, norms + 3 * s.norm_width, s.eps, normed.data());
+        for (int64_t i = 0; i < s.hidden; ++i) h[i] = round_bf16(h[i] + normed[i]);
+    }
+    rms_norm(h.data(), s.hidden, static_cast<const float*>(weights[1]), s.eps, x.data());
+    for (int64_t i = 0; i < s.hidden; ++i) hidden_out[i] = float_to_bf16(x[i]);
+    matvec(head, head_rows, s.hidden, x.data(), logits);
+    int64_t top = 0;
+    for (int64_t r = 0; r < head_rows; ++r) {
+        if (seen[r]) logits[r] = logits[r] < 0 ? logits[r] * penalty : logits[r] / penalty;
+        if (logits[r] > logits[top]) top = r;  // the first of equal maxima, as torch's argmax
+    }
+    *best = top;
+    return 0;
+}
+
+// The whole-vocabulary check: out (rows, n) = W (rows, cols) states^T for n fp32 states (n, cols),
+// each logit rounded to bf16 as transformers' lm_head rounds it. Each row is widened once for
+// all the states.
+void bf16_products(const bf16* weight, int64_t rows, int64_t cols, const float* states, int64_t n, float* out) {
+    if (cols % 8) {
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < n; ++j) out[r * n + j] = round_bf16(dot1(weight + r * cols, cols, states + j * cols));
+        return;
+    }
+#pragma omp parallel num_threads(thread_count)
+    {
+        std::vector<float> widened(4 * cols);
+        int threads = omp_get_num_threads(), id = omp_get_thread_num();
+        int64_t per = ((rows + threads - 1) / threads + 3) / 4 * 4;
+        int64_t begin = id * per, end = begin + per < rows ? begin + per : rows;
+        for (int64_t r = begin; r < end; r += 4) {
+            int64_t block = end - r < 4 ? end - r : 4;
+            for (int64_t i = 0; i < block; ++i)
+                for (int64_t c = 0; c < cols; c += 8)
+                    _mm256_storeu_ps(widened.data() + i * cols + c, load_bf16x8(weight + (r + i) * cols + c));
+            for (int64_t j = 0; j < n; j += 3) tile(widened.data(), block, states + j * cols, n - j < 3 ? n - j : 3,
+                                                     cols, out + r * n + j, n);
+        }
+    }
+}
+
+void set_threads(int threads) { thread_count = threads > 0 ? threads : 1; }
+
+}  // extern "C"
