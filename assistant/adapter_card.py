@@ -22,7 +22,9 @@ DATA = {
     "report": "IU X-ray reports (../shared/data/iu-xray), R2Gen split: train studies only; the 296 val "
               "studies give the held-out loss; the 590 test studies are never seen in training.",
     "summary": "Synthea CSV exports (../shared/data/synthea) rendered to clinical text; patients split by id.",
-    "educate": "MedQuAD question-answer pairs (../shared/data/medquad), split by question id (seed 13).",
+    "educate": "MedQuAD question-answer pairs (../shared/data/medquad), split by question id (seed 13); "
+               "each prompt asks for the reading level whose Flesch-Kincaid band holds its target's grade "
+               "(simple < 7, general 7-11, detailed >= 11).",
 }
 PAIRING = ("Images and reports are NOT paired in our data. Image examples are label-matched pairs: an "
            "NIH ChestX-ray14 64 px image (vision encoder's train patients) next to an IU X-ray train report "

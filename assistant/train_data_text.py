@@ -9,7 +9,8 @@ summary's sections, without the "Problems:" line the prompt already ends with.
 
 Education: MedQuAD question -> answer in `prompts/educate.md`, with the first passages of other
 answers about the same focus as the retrieved trusted information (never the answer itself, which
-would teach copying), the target the answer without page furniture (a heading repeating the
+would teach copying), the reading level in the prompt the one whose grade band holds the target's
+Flesch-Kincaid grade (`reading_level_of`), the target the answer without page furniture (a heading repeating the
 question, "Key Points -") cut at a sentence end. Lists of further resources, symptom-table
 boilerplate and answers under 25 words are skipped: the first adapter, trained on them, echoed
 headings and wrote one-line answers. Split by question id with the evaluation's seed
@@ -22,6 +23,7 @@ import re
 from pathlib import Path
 
 from .dialogue import clean_user_text
+from .metrics import flesch_kincaid_grade
 from .phi import mask_phi
 from .pipeline import MAX_RECORD_CHARS, READING_LEVELS
 from .prompts import render, sanitise_multiline
@@ -100,10 +102,23 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def educate_prompt(question: str, passages: list[str]) -> str:
-    """The prompt as Assistant.educate builds it for retrieved passages at the default level."""
+# Flesch-Kincaid grade bands of the targets for the three reading levels (grade ~ age - 5: age 10
+# is grade 5, age 14 grade 9, an adult 13 and over; a band ends halfway to the next level). The
+# answers are NIH pages (median grade 11.8), so trained at one level the adapter wrote at grade 12;
+# labelled by the grade of their target, the examples teach what each level means.
+LEVEL_GRADE_LIMITS = (7.0, 11.0)
+
+
+def reading_level_of(text: str) -> str:
+    """The reading level (one of READING_LEVELS) whose grade band holds the text's FK grade."""
+    grade = flesch_kincaid_grade(text)
+    return READING_LEVELS[sum(grade is not None and grade >= limit for limit in LEVEL_GRADE_LIMITS)]
+
+
+def educate_prompt(question: str, passages: list[str], reading_level: str = READING_LEVELS[1]) -> str:
+    """The prompt as Assistant.educate builds it for retrieved passages at `reading_level`."""
     sources = "\n".join(f"[{i}] {text}" for i, text in enumerate(passages, start=1))
-    return render("educate", question=clean_user_text(question), reading_level=READING_LEVELS[1],
+    return render("educate", question=clean_user_text(question), reading_level=reading_level,
                   sources=sources or "(none found)")
 
 
@@ -119,5 +134,6 @@ def educate_examples(split: str = "train", root: Path | None = None) -> list[Exa
     for record in records:
         target = education_target(record["answer"])
         if related[record["qid"]] and len(target.split()) >= MIN_TARGET_WORDS:
-            examples.append(Example(educate_prompt(record["question"], related[record["qid"]]), target, source=record["qid"]))
+            prompt = educate_prompt(record["question"], related[record["qid"]], reading_level_of(target))
+            examples.append(Example(prompt, target, source=record["qid"]))
     return examples

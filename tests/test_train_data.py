@@ -14,7 +14,7 @@ from PIL import Image
 from assistant.evaluate_report import Study, load_studies
 from assistant.imaging_data import NihRecord, load_nih_records, patient_split
 from assistant.model import IMAGE_MARKER
-from assistant.pipeline import report_prompt
+from assistant.pipeline import READING_LEVELS, report_prompt
 from assistant.report import parse_continuation
 from assistant.train_data import (IGNORE, Example, TokenizedExamples, align_examples, build_examples, collate,
                                   image_findings, label_matched_pairs, report_examples, report_findings,
@@ -130,7 +130,7 @@ def test_summary_targets_state_only_lines_of_the_record_and_held_out_patients_st
 @needs_data
 def test_education_examples_come_from_training_questions():
     from assistant.retrieval_passages import load_medquad, medquad_split
-    from assistant.train_data_text import MAX_ANSWER_CHARS, educate_examples
+    from assistant.train_data_text import MAX_ANSWER_CHARS, educate_examples, reading_level_of
 
     examples = educate_examples("train")
     test_qids = medquad_split(load_medquad(), seed=13).test_qids
@@ -140,6 +140,23 @@ def test_education_examples_come_from_training_questions():
     assert 0 < len(first.target) <= MAX_ANSWER_CHARS
     assert sum(e.target[:200] in e.prompt for e in examples[:500]) < 10  # sources are other answers, not a copy
     assert not any(e.target.startswith(("These resources address", "Key Points", "What are")) for e in examples)
+    levels = [next(level for level in READING_LEVELS if f"a {level} reading level" in e.prompt) for e in examples]
+    assert levels[:300] == [reading_level_of(e.target) for e in examples[:300]]  # the level of its own target
+    assert {levels.count(level) > 100 for level in READING_LEVELS} == {True}
+
+
+def test_reading_levels_follow_the_flesch_kincaid_grade_bands():
+    from assistant.metrics import flesch_kincaid_grade
+    from assistant.train_data_text import LEVEL_GRADE_LIMITS, reading_level_of
+
+    simple = "Gout is a kind of pain. It hurts your toe. Ice can help."
+    general = "Gout is a type of arthritis that causes sudden pain and swelling in the joints, often the big toe."
+    detailed = ("Hyperuricemia predisposes individuals to monosodium urate crystallization within articular "
+                "cartilage, precipitating recurrent inflammatory arthropathy.")
+    grades = [flesch_kincaid_grade(text) for text in (simple, general, detailed)]
+    assert grades[0] < LEVEL_GRADE_LIMITS[0] <= grades[1] < LEVEL_GRADE_LIMITS[1] <= grades[2]
+    assert [reading_level_of(text) for text in (simple, general, detailed)] == list(READING_LEVELS)
+    assert reading_level_of("") == READING_LEVELS[0]  # no words: no grade, the plainest level
 
 
 def test_education_targets_drop_page_furniture_and_resource_lists():
