@@ -90,7 +90,7 @@ def build_metadata(config: AssistantConfig, settings, examples, val, result, hel
             "steps": result.step, "micro_batches": result.batches, "samples": samples,
             "seconds": round(result.seconds, 1), "s_per_step": round(seconds / max(1, result.step), 2),
             "samples_per_s": round(samples / seconds, 3), "peak_rss_mb": result.peak_memory_mb,
-            "loss_curve": loss_curve(result.losses, first_step=(result.resumed_from or 0) + 1),
+            "loss_curve": loss_curve(result.losses, first_step=result.first_loss_step),
             "resumed_from_step": result.resumed_from,
             "held_out_loss_full_vocab": {k: None if v is None else round(v, 4) for k, v in held_out.items()},
             "machine": f"{platform.machine()} ({os.cpu_count()} cores, shared), {torch.get_num_threads()} "

@@ -57,7 +57,10 @@ class TrainConfig:
 class TrainResult:
     step: int = 0  # optimizer steps done in total (including those before a resume)
     batches: int = 0  # micro-batches consumed in total
-    losses: list[float] = dataclasses.field(default_factory=list)  # per optimizer step, this run only
+    # Mean loss of each optimizer step from `first_loss_step` on; checkpointed, so after a resume
+    # they cover every step since the start (an older checkpoint without them: this run only).
+    losses: list[float] = dataclasses.field(default_factory=list)
+    first_loss_step: int = 1
     evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # eval_fn after each epoch
     seconds: float = 0.0  # training wall time, summed over the runs a resume joins
     peak_memory_mb: float = 0.0  # the largest of the runs: process RSS on CPU, allocated memory on GPU
@@ -66,11 +69,13 @@ class TrainResult:
     # accelerate checkpoints any object with state_dict/load_state_dict registered with it.
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "batches": self.batches, "evals": self.evals, "seconds": self.seconds,
-                "peak_memory_mb": self.peak_memory_mb}
+                "peak_memory_mb": self.peak_memory_mb, "losses": self.losses, "first_loss_step": self.first_loss_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.batches, self.evals = state["step"], state["batches"], list(state["evals"])
         self.seconds, self.peak_memory_mb = state["seconds"], state["peak_memory_mb"]
+        self.losses = [float(loss) for loss in state.get("losses", [])]
+        self.first_loss_step = state.get("first_loss_step", self.step + 1)
 
 
 def resolve_precision(requested: str) -> str:

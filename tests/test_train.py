@@ -121,7 +121,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     run_training(tiny_config(adapter=None), settings(max_steps=2), out, work, vlm=fresh_vlm())
     meta = run_training(tiny_config(adapter=None), settings(max_steps=3), out, work, resume=True, vlm=fresh_vlm())
     result = json.loads((tmp_path / "work" / "train_result.json").read_text())
-    assert result["resumed_from"] == 2 and meta["training"]["steps"] == 3 and len(result["losses"]) == 1
+    assert result["resumed_from"] == 2 and meta["training"]["steps"] == 3 and len(result["losses"]) == 3
+    assert meta["training"]["loss_curve"]["steps"] == [1, 3]  # the curve spans both runs
 
 
 def test_a_lora_folder_is_not_a_starting_point(tmp_path):

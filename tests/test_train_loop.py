@@ -62,10 +62,13 @@ def test_resume_continues_from_the_saved_step(tmp_path):
         train(fresh_model(), crashing_mse, make_loader(regression_data(), cfg), cfg)
     resumed_model = fresh_model()
     resumed = train(resumed_model, mse, make_loader(regression_data(), cfg), cfg, resume=True)
-    assert resumed.resumed_from == 10 and resumed.step == 24 and len(resumed.losses) == 14
+    assert resumed.resumed_from == 10 and resumed.step == 24
+    assert resumed.first_loss_step == 1 and len(resumed.losses) == 24  # the checkpoint kept steps 1-10's losses
 
     straight_model = fresh_model()
-    train(straight_model, mse, make_loader(regression_data(), cfg), config(tmp_path / "straight", checkpoint_every=5))
+    straight = train(straight_model, mse, make_loader(regression_data(), cfg),
+                     config(tmp_path / "straight", checkpoint_every=5))
+    assert resumed.losses == pytest.approx(straight.losses)
     for a, b in zip(resumed_model.parameters(), straight_model.parameters()):
         torch.testing.assert_close(a, b)  # same data order, optimizer and schedule state
 
@@ -76,7 +79,7 @@ def test_resuming_a_finished_run_only_reloads_it(tmp_path):
     train(model, mse, make_loader(regression_data(), cfg), cfg)
     again = fresh_model()
     result = train(again, mse, make_loader(regression_data(), cfg), cfg, resume=True)
-    assert result.step == 8 and result.losses == []
+    assert result.step == 8 and len(result.losses) == 8  # the finished run's curve, nothing added
     torch.testing.assert_close(again.weight, model.weight)
 
 
