@@ -71,12 +71,12 @@ class OpenAIBackend:
         )
 
     def stream(self, prompt: str, stop: tuple[str, ...] = (), task: str = "report") -> Iterator[str]:
-        # `task` is not sent: the server serves one model (`--served-model`); per-task LoRA on a
-        # server means one served name per adapter (vLLM --lora-modules), chosen by configuration.
+        # `task` picks the served model (`backend.task_models`, e.g. one vLLM LoRA per task); the
+        # server never sees the task name itself.
         import openai
 
         try:
-            with self.client.completions.create(**self.request(prompt, stop)) as response:
+            with self.client.completions.create(**self.request(prompt, stop, task)) as response:
                 for chunk in response:
                     for choice in chunk.choices:  # one per chunk; a usage-only chunk has none
                         if choice.text:
@@ -84,11 +84,11 @@ class OpenAIBackend:
         except (openai.OpenAIError, ValueError) as err:  # ValueError: malformed JSON in the stream
             raise BackendError(describe_failure(err, self.config)) from err
 
-    def request(self, prompt: str, stop: tuple[str, ...]) -> dict:
+    def request(self, prompt: str, stop: tuple[str, ...], task: str = "report") -> dict:
         """The completions request body (model looked up on the server when not configured)."""
         gen = self.generation
         return {
-            "model": self.model_name(),
+            "model": self.model_name(task),
             "prompt": prompt,
             "max_tokens": gen.max_new_tokens,
             "temperature": gen.temperature,  # 0: greedy, like the local default
@@ -97,17 +97,18 @@ class OpenAIBackend:
             "stream": True,
         }
 
-    def model_name(self) -> str:
-        if self.config.model:
-            return self.config.model
-        return self._served_model
+    def model_name(self, task: str = "report") -> str:
+        """The task's served name (`task_models`), else `model`, else the server's only model."""
+        named = getattr(self.config.task_models, task, "") or self.config.model
+        return named or self._served_model
 
     @cached_property
     def _served_model(self) -> str:
         ids = [model.id for model in self.client.models.list()]
         if len(ids) != 1:
             raise BackendError(f"the model server at {self.config.base_url} serves {len(ids)} models "
-                               f"({', '.join(ids[:5]) or 'none'}): name one with --served-model")
+                               f"({', '.join(ids[:5]) or 'none'}): name one with --served-model "
+                               f"(or one per task: --set backend.task_models.TASK=NAME)")
         return ids[0]
 
 

@@ -67,7 +67,8 @@ def _export_peft(config, out: Path) -> int:
     print(f"LoRA on {len(modules)} modules written to {out}")
     print(f"serve it: vllm serve {hf_folder} --enable-lora --max-lora-rank {rank} "
           f"--lora-modules {adapter.name}={out.resolve()}")
-    print(f"then: --llm-backend openai --base-url http://127.0.0.1:8000/v1 --served-model {adapter.name}")
+    print(f"then: --llm-backend openai --base-url http://127.0.0.1:8000/v1 --served-model {adapter.name}"
+          f" (or for one task only: --set backend.task_models.TASK={adapter.name})")
     return 0
 
 

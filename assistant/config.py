@@ -127,6 +127,22 @@ class AppConfig:
 
 
 @dataclass(frozen=True)
+class ServedTaskModels:
+    """The name a server serves each text task's model under; "" falls back to `backend.model`.
+
+    vLLM serves every LoRA under its own name (`--lora-modules summary-lora=DIR ...`), so one
+    server can hold each task's adapter as the local model does (`task_adapters`): name them here,
+    e.g. `--set backend.task_models.summary=summary-lora`. Triage runs on the base model locally;
+    give it the base model's served name to match.
+    """
+
+    report: str = ""  # text-only drafts (drafts from images always run on the local model)
+    summary: str = ""
+    educate: str = ""
+    triage: str = ""
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     """Where text-only generation runs (triage, summaries, education, text-only drafts).
 
@@ -140,6 +156,7 @@ class BackendConfig:
     model: str = ""  # the name the server serves; "" asks the server (GET /models) for its only model
     timeout_s: float = 60.0  # per connect and per streamed read, so a long answer is not cut off
     max_retries: int = 2  # connection errors, 429 and 5xx, before the first token only
+    task_models: ServedTaskModels = field(default_factory=ServedTaskModels)
 
 
 @dataclass(frozen=True)

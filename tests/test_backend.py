@@ -139,6 +139,24 @@ def test_only_masked_text_reaches_the_server(tiny_vlm, fake_server):
     assert "asthma" in prompt and "48213377" not in prompt and "Smith" not in prompt
 
 
+def test_each_task_asks_for_its_own_served_model(tiny_vlm, fake_server):
+    # vLLM serving one LoRA per task: summaries to summary-lora, triage to the base model's name.
+    assistant = remote_assistant(tiny_vlm, fake_server.base_url, model="gemma-base",
+                                 task_models={"summary": "summary-lora", "educate": "educate-lora"})
+    list(assistant.summarize("Problems: asthma."))
+    list(assistant.triage([], "sore throat for two days"))
+    assert [body["model"] for _, body in fake_server.requests] == ["summary-lora", "gemma-base"]
+
+
+def test_served_task_models_are_config_fields():
+    args = build_parser().parse_args(["draft", "x.png", "--llm-backend", "openai",
+                                      "--set", "backend.task_models.summary=summary-lora"])
+    config = config_from_args(args)
+    assert config.backend.task_models.summary == "summary-lora" and config.backend.task_models.educate == ""
+    with pytest.raises(KeyError, match="unknown config field 'backend.task_models.radiology'"):
+        config.override({"backend.task_models.radiology": "x"})
+
+
 def test_text_only_draft_goes_to_the_server(tiny_vlm, fake_server):
     fake_server.pieces = ["FINDINGS: clear lungs.", " IMPRESSION: normal."]
     final = list(remote_assistant(tiny_vlm, fake_server.base_url).draft_report([], "cough", text_only=True))[-1]
