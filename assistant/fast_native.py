@@ -3,7 +3,9 @@ through ctypes.
 
 The C++ step streams each bf16 weight row once, widened to fp32 in AVX2 registers, with the same
 roundings as the compiled torch step (assistant.fast_math); one call per token replaces the
-graph's hundreds of operations. It is built on first use with the system's C++ compiler (g++ or
+graph's hundreds of operations. On CPUs with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids) the
+products multiply bf16 pairs in hardware instead (`check_instructions` tells which): the same
+exact products and fp32 sums, in fewer instructions. It is built on first use with the system's C++ compiler (g++ or
 c++, a few seconds) into the cache directory, keyed by the source's hash, and loaded into this
 process, where its OpenMP calls share torch's own libgomp. Where it cannot be built or run (no
 compiler, a CPU without AVX2 and FMA, weights that are not bf16) `NativeUnavailable` says why and
@@ -102,7 +104,22 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bf16_products.argtypes = [p, i64, i64, p, i64, p]
     lib.set_threads.restype = None
     lib.set_threads.argtypes = [ctypes.c_int]
+    lib.set_features.restype = None
+    lib.set_features.argtypes = [ctypes.c_int]
+    lib.features.restype = ctypes.c_int
+    lib.features.argtypes = []
     return lib
+
+
+def check_instructions() -> str:
+    """The instructions the whole-vocabulary check multiplies with on this CPU: "AVX512-BF16"
+    (bf16 pairs in hardware) where the CPU has them, else "AVX2" (rows widened to fp32)."""
+    return "AVX512-BF16" if library().features() & 1 else "AVX2"
+
+
+def allow_avx512_bf16(allowed: bool) -> None:
+    """Let the check use AVX512-BF16 where the CPU has it (the default) or not (to compare)."""
+    library().set_features(int(allowed))
 
 
 def _ptr(tensor: torch.Tensor) -> int:
@@ -168,7 +185,9 @@ class NativeStep:
         return logits, best[0], hidden
 
     def products(self, embed: torch.Tensor, states: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out (rows, n) = embed (rows, width; bf16) x states (n, width; fp32)^T, rounded to bf16 values."""
+        """out (rows, n) = embed (rows, width; bf16) x states (n, width; fp32)^T, rounded to bf16 values.
+        With AVX512-BF16 (`check_instructions`) and states that are bf16 values, as hidden states
+        are, the CPU multiplies the bf16 pairs itself; the sums are fp32 either way."""
         states = states.contiguous()
         self.lib.set_threads(torch.get_num_threads())
         self.lib.bf16_products(_ptr(embed), embed.shape[0], embed.shape[1], _ptr(states), states.shape[0], _ptr(out))

@@ -193,6 +193,10 @@ def fast_path(assistant: Assistant, inputs: dict, tokens: int, runs: int, bandwi
     for mode in modes.values():
         mode.pop("ids")
     served = "shortlist" if shortlist is not None else "every_row"
+    if kernel == "native":
+        from assistant.fast_native import check_instructions
+
+        kernel = f"native ({check_instructions()})"  # the products' instruction set on this CPU
     result = {"kernel": kernel, "compile_or_cache_load_s": compile_s, "served_mode": served, "modes": modes,
               **modes[served],
               "shortlist_rows": int(shortlist.ids.numel()) if shortlist is not None else None,

@@ -91,7 +91,7 @@ FAST_MODE_NAMES = {"shortlist": "fast path as served: {kernel} step, greedy draf
 
 def startup_line(fast: dict) -> str:
     """How long the decoder took to get ready, and for the torch step how its tokens compare."""
-    if fast.get("kernel") != "native":
+    if not fast.get("kernel", "").startswith("native"):
         return f"compile (or Inductor cache load) {fast['compile_or_cache_load_s']:.0f} s"
     line = f"native step built (or loaded) and weights laid out in {fast['compile_or_cache_load_s']:.0f} s"
     if torch_step := fast.get("modes", {}).get("torch_step"):

@@ -5,7 +5,7 @@ Tiny random bf16 Gemma 3 models (tests/test_fast_decode.py's), with a 4-token sl
 positions cross it. The two steps round at the same points and differ only in the order of fp32
 sums, so logits agree to a bf16 rounding step and greedy tokens are equal; the decoder with the
 native step reproduces transformers' `generate` token for token, shortlist drafts and
-whole-vocabulary checks included."""
+whole-vocabulary checks included. Where the CPU has AVX512-BF16 both product paths are tested."""
 
 import pytest
 import torch
@@ -45,8 +45,19 @@ def with_lora(model):
     return peft_model
 
 
+@pytest.fixture(params=["AVX2", "AVX512-BF16"])
+def instructions(request):
+    """Each of the kernels' product paths this CPU has: rows widened with AVX2, and bf16 pairs
+    multiplied in hardware with AVX512-BF16 (the default where present)."""
+    if request.param == "AVX512-BF16" and fast_native.check_instructions() != "AVX512-BF16":
+        pytest.skip("this CPU has no AVX512-BF16")
+    fast_native.allow_avx512_bf16(request.param == "AVX512-BF16")
+    yield request.param
+    fast_native.allow_avx512_bf16(True)
+
+
 @pytest.mark.parametrize("adapter", [None, "default"])
-def test_the_native_step_computes_the_torch_steps_logits_cache_and_hidden_state(adapter):
+def test_the_native_step_computes_the_torch_steps_logits_cache_and_hidden_state(adapter, instructions):
     model = wide_bf16_gemma(seed=21)
     peft_model = with_lora(model)
     text_model = peft_model.get_base_model().model
@@ -82,7 +93,7 @@ def test_the_native_step_computes_the_torch_steps_logits_cache_and_hidden_state(
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_the_native_decoder_drafts_and_checks_exactly_the_whole_vocabulary_greedy_tokens(penalty):
+def test_the_native_decoder_drafts_and_checks_exactly_the_whole_vocabulary_greedy_tokens(penalty, instructions):
     model = wide_bf16_gemma(seed=9)
     decoder = FastDecoder(model.model, max_positions=128, compile=False, shortlist=Shortlist(torch.arange(0, VOCAB, 2)))
     assert decoder.kernel == "native" and decoder.check.native_products is not None
@@ -91,7 +102,7 @@ def test_the_native_decoder_drafts_and_checks_exactly_the_whole_vocabulary_greed
     assert decoder.last_stats.checks >= 2
 
 
-def test_the_native_decoder_matches_peft_with_lora_and_without():
+def test_the_native_decoder_matches_peft_with_lora_and_without(instructions):
     model = wide_bf16_gemma(seed=4, scale=4.0)
     peft_model = with_lora(model)
     decoder = FastDecoder(peft_model.get_base_model().model, max_positions=64, compile=False)
@@ -114,6 +125,30 @@ def test_native_check_products_equal_the_torch_check_to_a_rounding_step():
     penalised = [torch.tensor([int(fused[j].argmax())]) for j in range(7)]
     assert torch.equal(VocabularyCheck(embed, products=native.products).greedy(hidden, penalised, 2.0),
                        VocabularyCheck(embed).greedy(hidden, penalised, 2.0))
+
+
+def avx2_products(native, embed, states):
+    fast_native.allow_avx512_bf16(False)
+    try:
+        return native.products(embed, states, torch.empty(embed.shape[0], states.shape[0]))
+    finally:
+        fast_native.allow_avx512_bf16(True)
+
+
+def test_the_avx512_bf16_check_gives_the_avx2_checks_values_to_a_rounding_step():
+    if fast_native.check_instructions() != "AVX512-BF16":
+        pytest.skip("this CPU has no AVX512-BF16; the check widens rows with AVX2")
+    torch.manual_seed(1)
+    embed = torch.randn(1003, 640).to(torch.bfloat16)
+    native = NativeStep.__new__(NativeStep)
+    native.lib = fast_native.library()
+    states = torch.randn(16, 640).to(torch.bfloat16).float()  # hidden states: bf16 values
+    paired = native.products(embed, states, torch.empty(1003, 16))
+    widened = avx2_products(native, embed, states)
+    torch.testing.assert_close(paired, widened, rtol=BF16_STEP, atol=1e-3)  # only the sum order differs
+    assert (paired == widened).float().mean() > 0.9
+    not_bf16 = states + 1e-4  # not bf16 values: the exact AVX2 path, not a rounded copy
+    assert torch.equal(native.products(embed, not_bf16, torch.empty(1003, 16)), avx2_products(native, embed, not_bf16))
 
 
 def test_fp32_models_keep_the_torch_step():
