@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_USAGE = 2
+LEVEL_NAMES = ("simple", "general", "detailed")  # pipeline.READING_LEVELS, in order
 
 
 def add_commands(commands) -> None:
@@ -32,6 +33,8 @@ def add_commands(commands) -> None:
                           help="decode N items together (report task; 1 = the app's streaming path, slower)")
     evaluate.add_argument("--rag", action="store_true",
                           help="report task: put similar training-split reports into each prompt (retrieval-augmented)")
+    evaluate.add_argument("--reading-level", choices=LEVEL_NAMES, default=None,
+                          help="educate task: the reading level every answer is asked for (default: general)")
     add_model_options(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -42,7 +45,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)  # applies --max-new-tokens, --llm, --adapter, --set ...
     out = args.out or default_out(args.task)
-    evaluate(args.task, limit=args.limit, config=config, out=out, batch_size=args.batch_size, rag=args.rag)
+    from .pipeline import READING_LEVELS
+
+    level = READING_LEVELS[LEVEL_NAMES.index(args.reading_level)] if args.reading_level else None
+    evaluate(args.task, limit=args.limit, config=config, out=out, batch_size=args.batch_size, rag=args.rag,
+             reading_level=level)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

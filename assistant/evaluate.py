@@ -44,7 +44,7 @@ def default_out(task: str) -> Path:
 def evaluate(task: str, limit: int | None = None, config: AssistantConfig | None = None,
              out: str | Path | None = None, *, assistant=None, embedder=None, max_new_tokens: int | None = None,
              meteor: bool = True, command: str | None = None, progress: bool = True, batch_size: int = 1,
-             rag: bool = False) -> dict:
+             rag: bool = False, reading_level: str | None = None) -> dict:
     """Run one task's evaluation, write `out` (JSON) if given, print its table, return the result.
 
     `assistant` (report, summary, educate) may be supplied, e.g. a tiny test model; otherwise it is
@@ -52,12 +52,16 @@ def evaluate(task: str, limit: int | None = None, config: AssistantConfig | None
     with sentence-transformers' `encode`; otherwise `config.embedder` is loaded. Decoding is always
     greedy so reruns reproduce the numbers. `batch_size` > 1 decodes that many items together;
     `rag` (report only) puts similar training-split reports into each prompt, as the app's switch does.
+    `reading_level` (educate only; one of pipeline.READING_LEVELS, default the general one) is the
+    level every answer is asked for.
     """
     _check_task(task)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1 (got {limit})")
     if rag and task != "report":
         raise ValueError("--rag applies to --task report only")
+    if reading_level is not None and task != "educate":
+        raise ValueError("--reading-level applies to --task educate only")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1 (got {batch_size})")
     if assistant is not None and config is not None:
@@ -72,8 +76,8 @@ def evaluate(task: str, limit: int | None = None, config: AssistantConfig | None
         if task == "report":
             result = {"task": task, **_run_report(assistant, limit, embedder, meteor, progress, batch_size, rag)}
         else:
-            runner = {"summary": _run_summary, "educate": _run_educate}[task]
-            result = {"task": task, **runner(assistant, limit, embedder, meteor, progress)}
+            result = {"task": task, **(_run_summary(assistant, limit, progress) if task == "summary" else
+                                       _run_educate(assistant, limit, embedder, progress, reading_level))}
         result["generation"] = _generation(assistant)
         result["model"] = provenance(assistant.config, assistant.vlm)
     result.update(_record(command, time.perf_counter() - start))
@@ -136,19 +140,20 @@ def _generation(assistant) -> dict:
     return {"decoding": "greedy", "max_new_tokens": gen.max_new_tokens, "repetition_penalty": gen.repetition_penalty}
 
 
-def _run_summary(assistant, limit, embedder, meteor: bool, progress: bool) -> dict:
+def _run_summary(assistant, limit, progress: bool) -> dict:
     from .evaluate_summary import run_summary
 
     return run_summary(assistant, limit, progress=progress)
 
 
-def _run_educate(assistant, limit, embedder, meteor: bool, progress: bool) -> dict:
+def _run_educate(assistant, limit, embedder, progress: bool, reading_level: str | None) -> dict:
     from .evaluate_educate import cache_folder, run_educate
 
     embed, identity = text_embed(assistant.config.embedder, embedder)
     # The passage index is cached only for a real embedder (a test's stand-in has no stable identity).
     cache = cache_folder(ROOT / ".cache" / "eval-educate", identity) if embedder is None else None
-    result = run_educate(assistant, limit, embed, identity, cache=cache, progress=progress)
+    result = run_educate(assistant, limit, embed, identity, cache=cache, progress=progress,
+                         **({"reading_level": reading_level} if reading_level else {}))
     result["embedder"] = {"name": identity[0], "version": identity[1]}
     return result
 

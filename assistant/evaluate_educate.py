@@ -4,8 +4,8 @@ Questions: the test part of `retrieval_passages.medquad_split` (seed 13, split b
 in sha256(seed:qid) order so `--limit N` is a fixed seeded sample across MedQuAD's sources.
 Passages: a PassageIndex of the *train* part only (a test question never finds its own answer),
 MiniLM embeddings, cached under .cache/eval-educate/ keyed by embedder and split. For each question
-the top 3 passages go to `Assistant.educate` at the "general (about age 14)" reading level,
-exactly as the app passes retrieved passages.
+the top 3 passages go to `Assistant.educate` at the "general (about age 14)" reading level (or
+the one `--reading-level` names), exactly as the app passes retrieved passages.
 
 Measures: retrieval hit@1 / hit@3 (a retrieved passage comes from the question's own source
 document, i.e. the same URL: other questions of that page are in the train part);
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import flesch_kincaid_grade, rouge_l
+from .pipeline import READING_LEVELS
 from .retrieval_passages import PassageHit, PassageIndex, load_medquad, medquad_split, passages_from_records
 
 SEED, K = 13, 3
@@ -110,14 +111,12 @@ def retrieval_hits(questions: Sequence[dict], hits: Sequence[Sequence[PassageHit
 
 
 def generate_answers(assistant, questions: Sequence[dict], hits: Sequence[Sequence[PassageHit]],
-                     progress: bool = True) -> tuple[list[str], list[float]]:
-    from .pipeline import READING_LEVELS
-
+                     progress: bool = True, reading_level: str = READING_LEVELS[1]) -> tuple[list[str], list[float]]:
     outputs, seconds = [], []
     for index, (question, found) in enumerate(zip(questions, hits), 1):
         start, final = time.perf_counter(), ""
         passages = [(h.passage.text, h.passage.url) for h in found]
-        for final in assistant.educate(question["question"], READING_LEVELS[1], passages):
+        for final in assistant.educate(question["question"], reading_level, passages):
             pass  # cumulative; the last item carries the Sources list
         seconds.append(time.perf_counter() - start)
         outputs.append(final)
@@ -127,7 +126,8 @@ def generate_answers(assistant, questions: Sequence[dict], hits: Sequence[Sequen
 
 
 def run_educate(assistant, limit: int | None, embed: Embed, embedder: tuple[str, str], cache: Path | None = None,
-                records: Sequence[dict] | None = None, progress: bool = True) -> dict:
+                records: Sequence[dict] | None = None, progress: bool = True,
+                reading_level: str = READING_LEVELS[1]) -> dict:
     """Retrieve, answer and score the held-out questions; `records` replaces MedQuAD in tests."""
     timings, start = {}, time.perf_counter()
     split, questions = held_out_questions(records if records is not None else load_medquad(), limit)
@@ -137,7 +137,7 @@ def run_educate(assistant, limit: int | None, embed: Embed, embedder: tuple[str,
     vectors = np.asarray(embed([q["question"] for q in questions]), np.float32)
     hits = [index.search(v, k=K) for v in vectors]
     start = time.perf_counter()
-    outputs, seconds = generate_answers(assistant, questions, hits, progress)
+    outputs, seconds = generate_answers(assistant, questions, hits, progress, reading_level)
     timings["generation_s"] = round(time.perf_counter() - start, 2)
     timings["seconds_per_question"] = round(sum(seconds) / len(seconds), 2) if seconds else None
     parts = [answer_parts(o) for o in outputs]
@@ -154,7 +154,7 @@ def run_educate(assistant, limit: int | None, embed: Embed, embedder: tuple[str,
                     "n_train_records": len(split.train), "n_passages": len(index.passages),
                     "n_evaluated": len(questions), "limit": limit},
         "systems": SYSTEM_NAMES, "protocol": __doc__.split("Measures: ", 1)[1].strip(), "k": K,
-        "reading_level": "general (about age 14)",
+        "reading_level": reading_level,
         "retrieval": retrieval_hits(questions, hits, index), "metrics": metrics,
         "reference_fk_grade_mean": sum(grades) / len(grades) if grades else None,
         "timing": timings,

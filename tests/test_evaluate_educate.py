@@ -107,3 +107,26 @@ def test_educate_task_writes_its_result(tiny_vlm, tmp_path, capsys):
     assert saved["predictions_file"].endswith("eval-educate.predictions.jsonl")
     printed = capsys.readouterr().out
     assert "Retrieval: hit@1" in printed and "baseline: top retrieved passage" in printed
+
+
+def test_every_answer_is_asked_for_the_chosen_reading_level():
+    from assistant.pipeline import READING_LEVELS
+
+    class RecordingAssistant:
+        levels: list[str] = []
+
+        def educate(self, question, reading_level, passages):
+            self.levels.append(reading_level)
+            yield "Asthma narrows the airways.\n\nSources:\n[1] https://example.org/a"
+
+    assistant = RecordingAssistant()
+    result = run_educate(assistant, 2, embed, ("word-hash", "1"), records=records(), progress=False,
+                         reading_level=READING_LEVELS[0])
+    assert assistant.levels == [READING_LEVELS[0]] * 2 and result["reading_level"] == READING_LEVELS[0]
+
+
+def test_the_reading_level_option_is_for_the_education_task_only(capsys):
+    from assistant.cli_evaluate import main
+
+    assert main(["evaluate", "--task", "triage", "--reading-level", "simple"]) == 2
+    assert "--reading-level applies to --task educate only" in capsys.readouterr().err
