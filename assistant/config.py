@@ -94,7 +94,7 @@ class GenerationConfig:
     temperature: float = 0.0  # greedy by default: drafts should be reproducible
     repetition_penalty: float = 1.1
     # The app readies assistant.fast_decode (its native C++ step, or the compiled torch step) in
-    # the background and streams through it once ready (~6x transformers' generate on our 2-core
+    # the background and streams through it once ready (~4x transformers' generate on our 2-core
     # CPU); false keeps generate only.
     fast_decode: bool = True
     # Greedy fast decoding drafts over these output rows and checks each draft against the whole

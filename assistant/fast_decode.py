@@ -3,8 +3,8 @@
 Why: plain `generate` spends most of each step in Python and in torch's bf16 matrix-vector kernel,
 which reads the 262k x 640 output matrix at ~11 GB/s on our 2-core CPU while the memory bus gives
 20-30 GB/s. Here the whole token step (embedding, 18 decoder layers, final norm, output rows,
-repetition penalty, argmax) is one call: the C++ step of assistant.fast_native (AVX2, each bf16
-weight row streamed once), or, where that cannot be built, one `torch.compile` graph in which
+repetition penalty, argmax) is one call: the C++ step of assistant.fast_native (AVX2 or
+AVX512-BF16, each bf16 weight row streamed once), or, where that cannot be built, one `torch.compile` graph in which
 Inductor fuses each matrix-vector product into a vectorised reduction. The KV cache is a
 preallocated buffer indexed by position (no per-step allocation or concatenation). Greedy steps
 score only a shortlist of the output rows, checked against all of them (assistant.fast_check).

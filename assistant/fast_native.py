@@ -5,9 +5,9 @@ The C++ step streams each bf16 weight row once, widened to fp32 in AVX2 register
 roundings as the compiled torch step (assistant.fast_math); one call per token replaces the
 graph's hundreds of operations. On CPUs with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids) the
 products multiply bf16 pairs in hardware instead (`check_instructions` tells which): the same
-exact products and fp32 sums, in fewer instructions. It is built on first use with the system's C++ compiler (g++ or
-c++, a few seconds) into the cache directory, keyed by the source's hash, and loaded into this
-process, where its OpenMP calls share torch's own libgomp. Where it cannot be built or run (no
+exact products and fp32 sums, in fewer instructions. It is built on first use with the system's
+C++ compiler (g++ or c++, a few seconds) into the cache directory, keyed by the source's hash,
+and loaded into this process, where its OpenMP calls share torch's own libgomp. Where it cannot be built or run (no
 compiler, a CPU without AVX2 and FMA, weights that are not bf16) `NativeUnavailable` says why and
 the decoder keeps its compiled torch step.
 """
@@ -112,13 +112,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def check_instructions() -> str:
-    """The instructions the whole-vocabulary check multiplies with on this CPU: "AVX512-BF16"
-    (bf16 pairs in hardware) where the CPU has them, else "AVX2" (rows widened to fp32)."""
+    """The instructions the step's products and the whole-vocabulary check multiply with on this
+    CPU: "AVX512-BF16" (bf16 pairs in hardware) where the CPU has them, else "AVX2" (rows widened
+    to fp32)."""
     return "AVX512-BF16" if library().features() & 1 else "AVX2"
 
 
 def allow_avx512_bf16(allowed: bool) -> None:
-    """Let the check use AVX512-BF16 where the CPU has it (the default) or not (to compare)."""
+    """Let the products use AVX512-BF16 where the CPU has it (the default) or not (to compare)."""
     library().set_features(int(allowed))
 
 
