@@ -35,7 +35,8 @@ TITLES = {"eval-report": "Report drafting with the shipped adapter report-lora (
           "eval-triage": "Red-flag triage",
           "eval-retrieval": "Similar-case retrieval quality (IU X-ray)",
           "eval-vision": "Vision encoder (NIH ChestX-ray14, PneumoniaMNIST)",
-          "generation": "Generation speed", "ingest": "DICOM ingest speed",
+          "generation": "Generation speed", "native-step": "Native decoding step: AVX2 and AVX512-BF16 products",
+          "ingest": "DICOM ingest speed",
           "retrieval": "Case-index speed and recall (FAISS)", "concurrency": "Concurrent users (queue and memory)",
           "backend": "Text generation backends (local model, llama.cpp server)",
           "train-step": "Training speed (LoRA step, all layers)", "train-step-top8": "Training speed (LoRA step, top 8 layers)"}
@@ -299,6 +300,22 @@ def render_train_step(r: dict) -> str:
                                               "samples/s"], rows, numeric_from=2)])
 
 
+def render_native_step(r: dict) -> str:
+    """The native step's product paths side by side (benchmarks/native_step.py)."""
+    env = r["environment"]
+    head = (f"Native decoding step, base model without LoRA, {r['new_tokens']} greedy tokens after "
+            f"\"{r['prompt']}\"; {env['cpu_count']} CPUs ({env['cpu_model']}), {env['torch_threads']} threads; "
+            f"paths alternating run by run; load average before {r['loadavg_before'][0]:.2f}; greedy tokens "
+            + ("equal across paths" if r["tokens_equal"] else
+               f"of the paths first differ at token {r.get('first_difference_at')} (another fp32 sum order)")
+            + f" (`{r['command'].strip()}`).")
+    rows = [[row["path"], f"{row['served_tok_s_median']:.1f}",
+             " / ".join(f"{rate:.1f}" for rate in row["served_tok_s_all"]),
+             f"{row['check_ms_median']:.1f}", f"{row['check_ms_best']:.1f}"] for row in r["rows"]]
+    return "\n\n".join([head, markdown_table(["products", "served tokens/s (median)", "runs",
+                                              "check of 16 states, ms (median)", "best"], rows, numeric_from=1)])
+
+
 def render_training_runs(adapters: Path = ROOT / "adapters") -> str | None:
     """Per stage, the shipped adapters' own training runs (their metadata.json, written by `train`)."""
     rows = []
@@ -335,7 +352,7 @@ def render_backend(r: dict) -> str:
 
 
 BENCHMARKS = {"generation": render_generation, "ingest": render_ingest, "concurrency": render_concurrency,
-              "rag_effect": render_rag_effect, "train_step": render_train_step}
+              "rag_effect": render_rag_effect, "train_step": render_train_step, "native_step": render_native_step}
 
 
 def render_file(path: Path) -> str | None:
