@@ -148,12 +148,13 @@ def _run_summary(assistant, limit, progress: bool) -> dict:
 
 def _run_educate(assistant, limit, embedder, progress: bool, reading_level: str | None) -> dict:
     from .evaluate_educate import cache_folder, run_educate
+    from .pipeline import READING_LEVELS
 
     embed, identity = text_embed(assistant.config.embedder, embedder)
     # The passage index is cached only for a real embedder (a test's stand-in has no stable identity).
     cache = cache_folder(ROOT / ".cache" / "eval-educate", identity) if embedder is None else None
     result = run_educate(assistant, limit, embed, identity, cache=cache, progress=progress,
-                         **({"reading_level": reading_level} if reading_level else {}))
+                         reading_level=reading_level or READING_LEVELS[1])
     result["embedder"] = {"name": identity[0], "version": identity[1]}
     return result
 

@@ -188,8 +188,7 @@ def fast_path(assistant: Assistant, inputs: dict, tokens: int, runs: int, bandwi
         modes["torch_step"] = torch_step_mode(assistant, generation, inputs, tokens, runs, bandwidth_gb_s,
                                               reference, shortlist)
         served_ids = modes["shortlist" if shortlist is not None else "every_row"]["ids"]
-        modes["torch_step"]["first_difference_from_native"] = next(
-            (i for i, (a, b) in enumerate(zip(modes["torch_step"]["ids"], served_ids)) if a != b), None)
+        modes["torch_step"]["first_difference_from_native"] = differs_at(modes["torch_step"]["ids"], served_ids)
     for mode in modes.values():
         mode.pop("ids")
     served = "shortlist" if shortlist is not None else "every_row"
@@ -304,7 +303,7 @@ def fast_mode(assistant: Assistant, generation, inputs: dict, tokens: int, runs:
     read = bytes_read(decoder, adapter, decoder.last_stats, int(inputs["input_ids"].shape[1]))
     bound = bandwidth_gb_s * 1e9 / read["bytes_per_token"]
     median = statistics.median(rates)
-    same = next((i for i, (a, b) in enumerate(zip(ids, reference)) if a != b), None)
+    same = differs_at(ids, reference)
     return {"runs": runs, "new_tokens": tokens, "decode_tokens_per_s_median": median, "decode_tokens_per_s_all": rates,
             "ttft_s_median": statistics.median(s["ttft_s"] for s, _ in samples),
             "longest_gap_between_tokens_s": max(s["longest_gap_s"] for s, _ in samples), **read,
@@ -357,8 +356,15 @@ def greedy_agreement(assistant: Assistant, generation, tokens: int, prompts: int
             "eager_attention_vs_generate": agreement_summary(yardstick, tokens)}
 
 
+def differs_at(got: list[int], expected: list[int]) -> int | None:
+    """The first index where two token sequences part, None where their common length agrees."""
+    return next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+
+
 def first_difference(got: list[int], expected: list[int]) -> int:
-    return next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    """Tokens before the first difference (the shorter length where none)."""
+    first = differs_at(got, expected)
+    return min(len(got), len(expected)) if first is None else first
 
 
 def agreement_summary(firsts: list[int], tokens: int) -> dict:

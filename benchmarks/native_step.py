@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from assistant import fast_native  # noqa: E402
-from benchmarks.generation import environment  # noqa: E402
+from benchmarks.generation import differs_at, environment  # noqa: E402
 
 PROMPT = "FINDINGS: The heart size is normal. The lungs are"
 NEW_TOKENS = 64
@@ -84,11 +84,6 @@ def check_seconds(decoder, repeats: int) -> list[float]:
     return seconds
 
 
-def first_difference(runs: list[list[int]]) -> int | None:
-    """The first token index where the paths' greedy tokens part (a near-tie in another sum order)."""
-    return next((i for i, column in enumerate(zip(*runs)) if len(set(column)) > 1), None)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -114,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"path": p, "served_tok_s_all": rates[p], "served_tok_s_median": statistics.median(rates[p]),
              "check_ms_best": 1e3 * min(checks[p]), "check_ms_median": 1e3 * statistics.median(checks[p])}
             for p in paths]
+    # Where the paths' greedy tokens part (a near-tie summed in another order); None: they agree.
+    first = differs_at(tokens["AVX2"], tokens[paths[-1]])
     result = {"benchmark": "native_step", "rows": rows, "prompt": PROMPT, "new_tokens": NEW_TOKENS,
-              "tokens_equal": len({tuple(t) for t in tokens.values()}) == 1,
-              "first_difference_at": first_difference(list(tokens.values())),
+              "tokens_equal": first is None, "first_difference_at": first,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/native_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "environment": environment(), "loadavg_before": list(before), "loadavg_after": list(os.getloadavg())}

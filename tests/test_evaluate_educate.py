@@ -130,3 +130,10 @@ def test_the_reading_level_option_is_for_the_education_task_only(capsys):
 
     assert main(["evaluate", "--task", "triage", "--reading-level", "simple"]) == 2
     assert "--reading-level applies to --task educate only" in capsys.readouterr().err
+
+
+def test_the_reading_level_option_names_the_pipelines_levels():
+    from assistant.cli_evaluate import LEVEL_NAMES
+    from assistant.pipeline import READING_LEVELS
+
+    assert [level.split()[0] for level in READING_LEVELS] == list(LEVEL_NAMES)  # a literal kept beside its source

@@ -54,6 +54,16 @@ def embeddings(model, prompt: torch.Tensor) -> torch.Tensor:
     return model.get_input_embeddings()(prompt)[0]
 
 
+def randomise_lora_b(peft_model, std: float, seed: int | None = None) -> None:
+    """Give every LoRA B normal values (fresh ones are zero: the adapter would have no effect)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+
+
 def prompt_ids(length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
 
@@ -98,10 +108,7 @@ def test_lora_beside_the_base_matches_the_peft_model_and_leaves_the_base_weights
     model = small_gemma(seed=4)
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    with torch.no_grad():  # fresh LoRA B is zero: give the adapter an effect
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
+    randomise_lora_b(peft_model, 0.2)
     text_model = peft_model.get_base_model().model
     decoder = FastDecoder(text_model, max_positions=64, compile=False)
     prompt = prompt_ids(9, seed=4)
@@ -126,11 +133,7 @@ def test_bf16_adapters_of_different_ranks_and_layers_share_one_layout_and_match_
                                                   layers_to_transform=[2]), adapter_name="top")
     peft_model.add_adapter("wide", LoraConfig(r=8, lora_alpha=8, target_modules=["k_proj", "gate_proj", "down_proj"],
                                               layers_to_transform=[1, 2]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 1.0)
+    randomise_lora_b(peft_model, 1.0, seed=0)
     decoder = FastDecoder(peft_model.get_base_model().model, max_positions=64, compile=False)
     assert decoder.lora_layout.layers == (False, True, True) and decoder.lora_layout.rank == 8
     prompt = prompt_ids(9, seed=9)

@@ -14,7 +14,7 @@ import assistant.fast_native as fast_native
 from assistant.fast_check import Shortlist, VocabularyCheck, rows_of
 from assistant.fast_decode import FastDecoder, decode_step
 from assistant.fast_native import NativeStep, NativeUnavailable
-from test_fast_decode import VOCAB, embeddings, fast, prompt_ids, reference, small_gemma
+from test_fast_decode import VOCAB, embeddings, fast, prompt_ids, randomise_lora_b, reference, small_gemma
 
 try:
     fast_native.library()
@@ -37,11 +37,7 @@ def with_lora(model):
 
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj", "down_proj"],
                                                   layers_to_transform=[1, 2]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
+    randomise_lora_b(peft_model, 0.2, seed=0)
     return peft_model
 
 

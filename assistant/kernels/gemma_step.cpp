@@ -168,6 +168,19 @@ void matvec_rows_avx512_bf16(const bf16* weight, int64_t begin, int64_t end, int
     }
 }
 
+// Run rows_of(begin, end) on each thread's share of `rows`, a multiple of 4 rows each (the
+// kernels' row blocks).
+template <class Rows>
+void split_rows(int64_t rows, Rows rows_of) {
+#pragma omp parallel num_threads(thread_count)
+    {
+        int threads = omp_get_num_threads(), id = omp_get_thread_num();
+        int64_t per = ((rows + threads - 1) / threads + 3) / 4 * 4;
+        int64_t begin = id * per, end = begin + per < rows ? begin + per : rows;
+        if (begin < end) rows_of(begin, end);
+    }
+}
+
 // The rows split between the threads (small products stay on one thread: a fork costs more).
 void matvec(const bf16* weight, int64_t rows, int64_t cols, const float* x, float* out) {
     std::vector<bf16> xb;
@@ -178,17 +191,8 @@ void matvec(const bf16* weight, int64_t rows, int64_t cols, const float* x, floa
         if (paired) matvec_rows_avx512_bf16(weight, begin, end, cols, xb.data(), out);
         else matvec_rows(weight, begin, end, cols, x, xp.data(), out);
     };
-    if (rows * cols < (1 << 15)) {
-        rows_of(0, rows);
-        return;
-    }
-#pragma omp parallel num_threads(thread_count)
-    {
-        int threads = omp_get_num_threads(), id = omp_get_thread_num();
-        int64_t per = ((rows + threads - 1) / threads + 3) / 4 * 4;  // a multiple of 4 rows each
-        int64_t begin = id * per, end = begin + per < rows ? begin + per : rows;
-        if (begin < end) rows_of(begin, end);
-    }
+    if (rows * cols < (1 << 15)) rows_of(0, rows);
+    else split_rows(rows, rows_of);
 }
 
 struct Shape {
@@ -361,13 +365,9 @@ void products_rows_avx512_bf16(const bf16* weight, int64_t begin, int64_t end, i
 bool products_avx512_bf16(const bf16* weight, int64_t rows, int64_t cols, const float* states, int64_t n, float* out) {
     std::vector<bf16> narrow;
     if (!paired_operand(states, n * cols, cols, narrow)) return false;
-#pragma omp parallel num_threads(thread_count)
-    {
-        int threads = omp_get_num_threads(), id = omp_get_thread_num();
-        int64_t per = ((rows + threads - 1) / threads + 3) / 4 * 4;
-        int64_t begin = id * per, end = begin + per < rows ? begin + per : rows;
-        if (begin < end) products_rows_avx512_bf16(weight, begin, end, cols, narrow.data(), n, out);
-    }
+    split_rows(rows, [&](int64_t begin, int64_t end) {
+        products_rows_avx512_bf16(weight, begin, end, cols, narrow.data(), n, out);
+    });
     return true;
 }
 
@@ -471,12 +471,8 @@ void bf16_products(const bf16* weight, int64_t rows, int64_t cols, const float* 
             for (int64_t j = 0; j < n; ++j) out[r * n + j] = round_bf16(dot1(weight + r * cols, cols, states + j * cols));
         return;
     }
-#pragma omp parallel num_threads(thread_count)
-    {
-        std::vector<float> widened(4 * cols);
-        int threads = omp_get_num_threads(), id = omp_get_thread_num();
-        int64_t per = ((rows + threads - 1) / threads + 3) / 4 * 4;
-        int64_t begin = id * per, end = begin + per < rows ? begin + per : rows;
+    split_rows(rows, [&](int64_t begin, int64_t end) {
+        std::vector<float> widened(4 * cols);  // this thread's rows, widened once for all the states
         for (int64_t r = begin; r < end; r += 4) {
             int64_t block = end - r < 4 ? end - r : 4;
             for (int64_t i = 0; i < block; ++i)
@@ -485,13 +481,13 @@ void bf16_products(const bf16* weight, int64_t rows, int64_t cols, const float* 
             for (int64_t j = 0; j < n; j += 3) tile(widened.data(), block, states + j * cols, n - j < 3 ? n - j : 3,
                                                      cols, out + r * n + j, n);
         }
-    }
+    });
 }
 
 void set_threads(int threads) { thread_count = threads > 0 ? threads : 1; }
 
-// Which optional instruction sets the kernels may use (bit 0: AVX512-BF16 for the check), and
-// which ones they do use on this CPU.
+// Which optional instruction sets the products may use (bit 0: AVX512-BF16, for the step's
+// products and the check alike), and which ones they do use on this CPU.
 void set_features(int allowed) { use_avx512_bf16 = allowed & 1; }
 
 int features() { return use_avx512_bf16 && has_avx512_bf16() ? 1 : 0; }
