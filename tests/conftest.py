@@ -14,6 +14,23 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 CHEST_DICOM = SHARED_DATA / "dicom" / "pylibjpeg-data" / "JPEG2000Lossless" / "966_fixed.dcm"
 CHEST_DICOM_MONO1 = SHARED_DATA / "dicom" / "pydicom-data" / "RG1_J2KI.dcm"
 
+
+
+def load_benchmark(name: str):
+    """The module benchmarks/NAME.py (scripts, not a package), registered in sys.modules so that
+    dataclasses and pickling find it."""
+    import importlib.util
+    import sys
+
+    key = f"benchmark_{name}"  # not a bare name such as "report" that another import could mean
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
 TINY_WORDS = ["<pad>", "<eos>", "<bos>", "<unk>", "<unused0>", "findings", "impression", "the", "lungs",
               "are", "clear", "no", "effusion", "heart", "normal", "size", ".", ":", "chest", "x-ray"]
 

@@ -163,16 +163,9 @@ def test_two_sessions_uploading_the_same_file_both_get_the_study(tiny_vlm, tmp_p
 
 
 def _report_scenario():
-    import importlib.util
-    import sys
+    from conftest import load_benchmark
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("concurrency_report", ROOT / "benchmarks" / "concurrency_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
+    return load_benchmark("concurrency_report")
 
 
 @pytest.mark.browser
