@@ -15,7 +15,6 @@ CHEST_DICOM = SHARED_DATA / "dicom" / "pylibjpeg-data" / "JPEG2000Lossless" / "9
 CHEST_DICOM_MONO1 = SHARED_DATA / "dicom" / "pydicom-data" / "RG1_J2KI.dcm"
 
 
-
 def load_benchmark(name: str):
     """The module benchmarks/NAME.py (scripts, not a package), registered in sys.modules so that
     dataclasses and pickling find it."""
