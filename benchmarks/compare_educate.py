@@ -25,17 +25,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from assistant.evaluate import write_atomic  # noqa: E402
 from assistant.metrics import flesch_kincaid_grade, rouge_l  # noqa: E402
 
 
 def load_answers(result_path: Path) -> list[tuple[str, str]]:
     """(qid, scored answer text) of one evaluation in its order (its predictions file, beside it or under ROOT)."""
-    result = json.loads(result_path.read_text())
+    result = json.loads(result_path.read_text(encoding="utf-8"))
     name = Path(result["predictions_file"])
     path = next((p for p in (result_path.parent / name.name, ROOT / name) if p.is_file()), None)
     if path is None:
         raise FileNotFoundError(f"{result_path} names predictions file {name}, which is not there")
-    return [(row["qid"], row["answer"]) for row in map(json.loads, path.read_text().splitlines()) if row]
+    return [(row["qid"], row["answer"]) for row in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if row]
 
 
 def paired(new: list[float], old: list[float]) -> dict:
@@ -72,14 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     from assistant.evaluate_educate import held_out_questions
     from assistant.retrieval_passages import load_medquad
 
-    _, questions = held_out_questions(load_medquad())
-    references = [(q["qid"], q["answer"]) for q in questions]
-    result = {"new": str(args.new), "old": str(args.old),
-              **compare(load_answers(args.new), load_answers(args.old), references)}
+    try:
+        new, old = load_answers(args.new), load_answers(args.old)
+        _, questions = held_out_questions(load_medquad())
+        result = {"new": str(args.new), "old": str(args.old),
+                  **compare(new, old, [(q["qid"], q["answer"]) for q in questions])}
+    except (OSError, ValueError, KeyError) as error:  # a missing or foreign file, runs of other questions
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        write_atomic(args.out, text + "\n")
     return 0
 
 

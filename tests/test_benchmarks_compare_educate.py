@@ -54,3 +54,12 @@ def test_a_missing_predictions_file_is_named(compare_educate, tmp_path):
     result.write_text(json.dumps({"predictions_file": "benchmarks/results/gone.predictions.jsonl"}))
     with pytest.raises(FileNotFoundError, match="gone.predictions.jsonl"):
         compare_educate.load_answers(result)
+
+
+def test_the_command_names_a_bad_input_instead_of_a_traceback(compare_educate, tmp_path, capsys):
+    assert compare_educate.main([str(tmp_path / "absent.json"), str(tmp_path / "absent.json")]) == 2
+    assert "absent.json" in capsys.readouterr().err
+    foreign = tmp_path / "report.json"
+    foreign.write_text(json.dumps({"task": "report"}))  # names no predictions file
+    assert compare_educate.main([str(foreign), str(foreign)]) == 2
+    assert "predictions_file" in capsys.readouterr().err
