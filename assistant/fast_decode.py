@@ -150,7 +150,8 @@ class FastDecoder:
         self.native = self._native_step() if native else None
         # The output matrix is the tied embedding, which no adapter changes: one check serves all.
         self.check = VocabularyCheck(text_model.embed_tokens.weight.detach(),
-                                     products=self.native.products if self.native else None)
+                                     products=self.native.products if self.native else None,
+                                     screen=self.native if self.native and self._screen_pays() else None)
         step = self._eager_step
         self._step = torch.compile(step, dynamic=None, options=COMPILE_OPTIONS) if compile and not self.native else step
         self.kernel = "native" if self.native else "compiled" if compile else "eager"
@@ -163,6 +164,17 @@ class FastDecoder:
         except NativeUnavailable as err:
             log.info("native decoding step off, using the compiled torch step: %s", err)
             return None
+
+    def _screen_pays(self) -> bool:
+        """Whether the check gets the int8 screen (assistant.fast_screen): only where greedy drafts
+        are checked (a shortlist), the bf16 products widen rows (AVX2: the AVX512-BF16 check is
+        already near memory speed) and the width suits the kernel. It holds an int8 copy of the
+        output matrix (168 MB for Gemma 3 270M)."""
+        from .fast_native import check_instructions
+        from .fast_screen import WIDTH_MULTIPLE
+
+        return (self.shortlist is not None and check_instructions() == "AVX2"
+                and self.shape.hidden % WIDTH_MULTIPLE == 0)
 
     def _eager_step(self, weights, head, token, position, keys, values, cos, sin, seen, penalty):
         return decode_step(self.shape, self.lora_layout, weights, head, token, position, keys, values, cos, sin,

@@ -102,6 +102,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                f32, p, p, p]
     lib.bf16_products.restype = None
     lib.bf16_products.argtypes = [p, i64, i64, p, i64, p]
+    lib.screen_bounds.restype = None
+    lib.screen_bounds.argtypes = [p, p, p, p, p, i64, i64, p, p, p, p, i64, p]
     lib.set_threads.restype = None
     lib.set_threads.argtypes = [ctypes.c_int]
     lib.set_features.restype = None
@@ -192,4 +194,13 @@ class NativeStep:
         states = states.contiguous()
         self.lib.set_threads(torch.get_num_threads())
         self.lib.bf16_products(_ptr(embed), embed.shape[0], embed.shape[1], _ptr(states), states.shape[0], _ptr(out))
+        return out
+
+    def screen_bounds(self, rows, states, out: torch.Tensor) -> torch.Tensor:
+        """out (n, rows): upper bounds on every row's check logit for each of n states, from the int8
+        copies in `rows` and `states` (assistant.fast_screen's ScreenedRows and ScreenedStates)."""
+        self.lib.set_threads(torch.get_num_threads())
+        self.lib.screen_bounds(_ptr(rows.codes), _ptr(rows.sums), _ptr(rows.scale), _ptr(rows.error), _ptr(rows.norm),
+                               rows.codes.shape[0], rows.codes.shape[1], _ptr(states.codes), _ptr(states.scale),
+                               _ptr(states.code_term), _ptr(states.error), states.codes.shape[0], _ptr(out))
         return out

@@ -315,18 +315,22 @@ def fast_mode(assistant: Assistant, generation, inputs: dict, tokens: int, runs:
 def bytes_read(decoder, adapter: str | None, stats, prompt_tokens: int) -> dict:
     """Bytes one decoded token costs, from what the last sequence did (`DecodeStats`): each step
     reads every layer's weights, one embedding row, the output rows it scores and the KV cache
-    blocks up to its position; each whole-vocabulary check reads the output matrix once."""
+    blocks up to its position; each whole-vocabulary check reads the output matrix once (with the
+    int8 screen, its int8 codes and per-row numbers, the few rows it leaves not counted)."""
     weights = decoder.weights_for(adapter)
     row = weights.embed[0].numel() * weights.embed.element_size()
     matrix = weights.embed.numel() * weights.embed.element_size()
+    screen = getattr(decoder.check, "screen", None)
+    checked = matrix if screen is None else sum(t.numel() * t.element_size() for t in vars(screen.rows).values())
     layers = weights.bytes_per_token() - matrix
     shape = decoder.shape
     per_position = 2 * shape.layers * shape.kv_heads * shape.head_dim * decoder.cache()[0].element_size()
     spans = [-(-max(1, prompt_tokens + i) // CACHE_BLOCK) * CACHE_BLOCK for i in range(stats.steps)]
     cache = per_position * sum(spans)
-    total = stats.steps * (layers + row) + stats.head_rows * row + stats.checks * matrix + cache
+    total = stats.steps * (layers + row) + stats.head_rows * row + stats.checks * checked + cache
     decoded = max(1, stats.tokens - 1)  # the first token comes from the prefill
     return {"bytes_per_token": total / decoded, "layer_bytes": layers, "output_matrix_bytes": matrix,
+            "check_bytes": checked, "check_screened": screen is not None,
             "kv_cache_bytes_per_token": cache / decoded, "steps": stats.steps, "checks": stats.checks,
             "rejected_drafts": stats.rejected, "output_rows_per_step": stats.head_rows / max(1, stats.steps)}
 

@@ -1,16 +1,18 @@
-"""Native-step benchmark: the C++ step's product paths, AVX2 (rows widened to fp32) against
-AVX512-BF16 (bf16 pairs multiplied in hardware), on the real Gemma 3 270M, in the same run.
+"""Native-step benchmark: the C++ step's product paths on the real Gemma 3 270M, in the same run:
+AVX2 (rows widened to fp32), AVX2 with the check's int8 screen (assistant.fast_screen, the
+default on AVX2), and AVX512-BF16 (bf16 pairs multiplied in hardware) where the CPU has it.
 
-Measures, for each path the CPU has:
-  check_ms        one whole-vocabulary check: 16 bf16-valued states x 262,144 rows x 640
-                  (assistant.fast_check with the native products), best and median of `--repeats`
+Measures, for each path:
+  check_ms        one whole-vocabulary check (greedy tokens of up to 16 drafted states) on the
+                  rounds a decode of the prompt really checked, best and median over the rounds x
+                  `--repeats`
   served_tok_s    greedy decoding as served (shortlist drafts checked against every row), the base
                   model without LoRA on a fixed text prompt, 64 new tokens, median of `--runs`
-The paths alternate run by run, so a neighbour on a shared host slows both alike; the load
-average is recorded. Greedy tokens of the two paths are compared (their fp32 sums run in another
-order, so a near-tie may flip one).
+The paths alternate run by run, so a neighbour on a shared host slows all alike; the load
+average is recorded. Greedy tokens of the paths are compared (the AVX512-BF16 fp32 sums run in
+another order, so a near-tie may flip one; the screen changes no token).
 
-    .venv/bin/python benchmarks/native_step.py [--runs 3] [--repeats 7]
+    .venv/bin/python benchmarks/native_step.py [--runs 3] [--repeats 3]
 
 Writes benchmarks/results/native-step.json.
 """
@@ -35,6 +37,7 @@ import torch  # noqa: E402
 from assistant import fast_native  # noqa: E402
 from benchmarks.generation import differs_at, environment  # noqa: E402
 
+SCREENED = "AVX2 + int8 screen"
 PROMPT = "FINDINGS: The heart size is normal. The lungs are"
 NEW_TOKENS = 64
 
@@ -73,46 +76,78 @@ def decode_rate(decoder, ids, embeds) -> tuple[float, list[int]]:
     return (len(tokens) - 1) / (time.perf_counter() - first), tokens
 
 
-def check_seconds(decoder, repeats: int) -> list[float]:
-    torch.manual_seed(0)
-    states = torch.randn(16, decoder.shape.hidden).to(torch.bfloat16)
+def checked_rounds(decoder, ids, embeds) -> list[tuple]:
+    """The (hidden states, penalised ids, penalty) of each check a decode of the prompt runs."""
+    rounds, greedy = [], decoder.check.greedy
+
+    def recording(hidden, penalised, penalty):
+        rounds.append((hidden.clone(), [p.clone() for p in penalised], penalty))
+        return greedy(hidden, penalised, penalty)
+
+    decoder.check.greedy = recording
+    try:
+        decode_rate(decoder, ids, embeds)
+    finally:
+        del decoder.check.greedy
+    return rounds
+
+
+def check_seconds(decoder, rounds, repeats: int) -> list[float]:
     seconds = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        decoder.check.logits(states)
-        seconds.append(time.perf_counter() - start)
+        for hidden, penalised, penalty in rounds:
+            start = time.perf_counter()
+            decoder.check.greedy(hidden, penalised, penalty)
+            seconds.append(time.perf_counter() - start)
     return seconds
+
+
+def use_path(decoder, path: str, screen) -> None:
+    fast_native.allow_avx512_bf16(path == "AVX512-BF16")
+    decoder.check.screen = screen if path == SCREENED else None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "native-step.json"))
     args = parser.parse_args(argv)
     before = os.getloadavg()
     decoder, ids, embeds = load_decoder()
-    paths = ["AVX2"] + (["AVX512-BF16"] if fast_native.check_instructions() == "AVX512-BF16" else [])
+    from assistant.fast_screen import Int8Screen
+
+    screen = decoder.check.screen or Int8Screen(decoder.check.embed, decoder.native, decoder.check.rows_logits)
+    paths = ["AVX2", SCREENED] + (["AVX512-BF16"] if fast_native.check_instructions() == "AVX512-BF16" else [])
     rates, checks, tokens = {p: [] for p in paths}, {p: [] for p in paths}, {}
     try:
+        use_path(decoder, "AVX2", screen)
+        rounds = checked_rounds(decoder, ids, embeds)
         for path in paths:  # warm-up: caches, allocator, the first-token path
-            fast_native.allow_avx512_bf16(path == "AVX512-BF16")
+            use_path(decoder, path, screen)
             decode_rate(decoder, ids, embeds)
         for _ in range(args.runs):
             for path in paths:
-                fast_native.allow_avx512_bf16(path == "AVX512-BF16")
+                use_path(decoder, path, screen)
                 rate, tokens[path] = decode_rate(decoder, ids, embeds)
                 rates[path].append(rate)
-                checks[path] += check_seconds(decoder, args.repeats)
+                checks[path] += check_seconds(decoder, rounds, args.repeats)
     finally:
         fast_native.allow_avx512_bf16(True)
+    left = []  # how many of the 262,144 rows each round's screen left to the exact check
+    for hidden, penalised, penalty in rounds:
+        screen.greedy(hidden, penalised, penalty)
+        left.append(screen.last_rows_left)
     rows = [{"path": p, "served_tok_s_all": rates[p], "served_tok_s_median": statistics.median(rates[p]),
              "check_ms_best": 1e3 * min(checks[p]), "check_ms_median": 1e3 * statistics.median(checks[p])}
             for p in paths]
     # Where the paths' greedy tokens part (a near-tie summed in another order); None: they agree.
     first = differs_at(tokens["AVX2"], tokens[paths[-1]])
+    screen_first = differs_at(tokens["AVX2"], tokens[SCREENED])
     result = {"benchmark": "native_step", "rows": rows, "prompt": PROMPT, "new_tokens": NEW_TOKENS,
               "tokens_equal": first is None, "first_difference_at": first,
+              "screen_tokens_equal": screen_first is None, "checked_rounds": len(rounds),
+              "checked_states": [int(hidden.shape[0]) for hidden, _, _ in rounds], "screen_rows_left": left,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/native_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "environment": environment(), "loadavg_before": list(before), "loadavg_after": list(os.getloadavg())}

@@ -120,6 +120,8 @@ def render_fast_path(r: dict) -> list[str]:
     for key, mode in fast.get("modes", {"served": fast}).items():
         name = FAST_MODE_NAMES.get(key, "fast path").format(rows=f"{fast.get('shortlist_rows') or 0:,}",
                                                             kernel=fast.get("kernel", "compiled"))
+        if mode.get("check_screened") and mode.get("checks"):
+            name += " (the check screened in int8)"
         rate = mode["decode_tokens_per_s_median"]
         rows.append([name, f"{rate:.1f}", f"{mode['bytes_per_token'] / 1e6:.0f}", f"{mode['bound_tokens_per_s']:.1f}",
                      f"{mode['achieved_over_bound']:.2f}", f"{rate / reference:.2f}",
@@ -308,12 +310,23 @@ def render_native_step(r: dict) -> str:
             f"paths alternating run by run; load average before {r['loadavg_before'][0]:.2f}; greedy tokens "
             + ("equal across paths" if r["tokens_equal"] else
                f"of the paths first differ at token {r.get('first_difference_at')} (another fp32 sum order)")
-            + f" (`{r['command'].strip()}`).")
+            + screen_sentence(r) + f" (`{r['command'].strip()}`).")
     rows = [[row["path"], f"{row['served_tok_s_median']:.1f}",
              " / ".join(f"{rate:.1f}" for rate in row["served_tok_s_all"]),
              f"{row['check_ms_median']:.1f}", f"{row['check_ms_best']:.1f}"] for row in r["rows"]]
-    return "\n\n".join([head, markdown_table(["products", "served tokens/s (median)", "runs",
-                                              "check of 16 states, ms (median)", "best"], rows, numeric_from=1)])
+    check = "check of 16 states, ms (median)" if "checked_rounds" not in r else \
+        f"check of the decode's {r['checked_rounds']} rounds (up to 16 states), ms (median)"
+    return "\n\n".join([head, markdown_table(["products", "served tokens/s (median)", "runs", check, "best"], rows,
+                                              numeric_from=1)])
+
+
+def screen_sentence(r: dict) -> str:
+    if "screen_tokens_equal" not in r:
+        return ""  # a run from before the int8 screen
+    left = sorted(r.get("screen_rows_left") or [0])
+    return ("; the int8 screen's tokens " + ("equal" if r["screen_tokens_equal"] else "DIFFER FROM")
+            + f" the AVX2 check's, and it left {left[len(left) // 2]:,} rows per round (median; at most "
+            f"{left[-1]:,}) to the exact check")
 
 
 def render_training_runs(adapters: Path = ROOT / "adapters") -> str | None:

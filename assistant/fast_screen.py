@@ -1,0 +1,127 @@
+"""An int8 screen in front of the whole-vocabulary check (assistant.fast_check), for CPUs whose
+bf16 check widens rows to fp32 (AVX2): the same greedy tokens, about a third of the work.
+
+Why: on AVX2 the check's 16 states x 262,144 rows x 640 fp32 products are compute-bound (55-80 ms
+on our 2 cores, over a third of served decoding's time). Here every row and state is also held
+as int8 codes, and the native kernel's exact integer sums bound each row's logit from above:
+value = scale x code + error, so
+
+    w.h = s_w s_h (q_w . q_h) + s_h (e_w . q_h) + w . e_h
+        <= approximation + |e_w| s_h |q_h| + |w| |e_h|        (Cauchy-Schwarz, exact norms)
+
+plus the exact check's own rounding (its fp32 sum, within width x 2^-23 x |w| |h| of the real dot
+product; its bf16 rounding, relative 2^-8) and that of the bound's float arithmetic (the kernel's
+margin, relative 2^-7 plus 0.01). A row whose bound stays below the exact logit of one row
+already checked cannot be the greedy token; the rows left (2,000-8,000 of 262,144 for a round of
+16 real states) get the exact bf16 check, whose value for a row does not depend on which other
+rows are computed with it. So the greedy token is the full check's, ties included (the lowest id
+among equal maxima), and the tests compare the two.
+
+States are 7-bit codes (-63..63, stored + 64 for the unsigned operand of vpmaddubsw, so a pair
+of products cannot saturate); rows 8-bit with a scale per row. The int8 copy of the output matrix
+costs rows x width bytes of memory (168 MB for Gemma 3's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .fast_math import with_penalty
+
+STATE_LEVELS = 63  # 7-bit state codes: see the module docstring
+ROW_LEVELS = 127
+QUANTISE_CHUNK = 4096  # rows converted at a time (an fp32 copy of the whole matrix is 671 MB)
+# Above this many rows left by the screen the full check is cheaper than gathering them.
+MAX_SCREENED_ROWS = 32768
+WIDTH_MULTIPLE = 32  # the kernel reads 32 codes per instruction
+
+
+@dataclasses.dataclass(frozen=True)
+class ScreenedRows:
+    """The output matrix as int8 codes and the per-row numbers the bounds need."""
+    codes: torch.Tensor  # (rows, width) int8
+    sums: torch.Tensor   # (rows,) int32: each row's code sum
+    scale: torch.Tensor  # (rows,) fp32
+    error: torch.Tensor  # (rows,) fp32: |row - scale x codes|
+    norm: torch.Tensor   # (rows,) fp32: |row|
+
+    @classmethod
+    def of(cls, matrix: torch.Tensor) -> ScreenedRows:
+        """Filled chunk by chunk into preallocated tensors: the peak is the result plus one chunk's
+        fp32 temporaries, not a second copy."""
+        count, width = matrix.shape
+        screened = cls(torch.empty(count, width, dtype=torch.int8), torch.empty(count, dtype=torch.int32),
+                       *(torch.empty(count) for _ in range(3)))
+        for start in range(0, count, QUANTISE_CHUNK):
+            rows = matrix[start:start + QUANTISE_CHUNK].float()
+            scale = rows.abs().amax(1) / ROW_LEVELS
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            codes = torch.round(rows / scale[:, None]).clamp_(-ROW_LEVELS, ROW_LEVELS)
+            stop = start + rows.shape[0]
+            screened.codes[start:stop] = codes
+            screened.sums[start:stop] = codes.sum(1)
+            screened.scale[start:stop] = scale
+            screened.error[start:stop] = (rows - scale[:, None] * codes).norm(dim=1)
+            screened.norm[start:stop] = rows.norm(dim=1)
+        return screened
+
+
+@dataclasses.dataclass(frozen=True)
+class ScreenedStates:
+    """Hidden states as 7-bit codes (+ 64) and the per-state numbers the bounds need."""
+    codes: torch.Tensor      # (n, width) uint8
+    scale: torch.Tensor      # (n,) fp32
+    code_term: torch.Tensor  # (n,) fp32: scale x |codes|
+    error: torch.Tensor      # (n,) fp32: |state - scale x codes|, plus the exact sum's rounding share
+
+    @classmethod
+    def of(cls, states: torch.Tensor) -> ScreenedStates:
+        states = states.float()
+        scale = states.abs().amax(1) / STATE_LEVELS
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.round(states / scale[:, None]).clamp(-STATE_LEVELS, STATE_LEVELS)
+        # |w . e_h| <= |w| |e_h|; the exact check's fp32 sum of `width` products is off the real
+        # dot product by at most width x 2^-23 x |w| |h| (any summation order): both go on |w|.
+        width = states.shape[1]
+        error = (states - scale[:, None] * codes).norm(dim=1) + width * 2.0 ** -23 * states.norm(dim=1)
+        return cls((codes + STATE_LEVELS + 1).to(torch.uint8).contiguous(), scale.contiguous(),
+                   (scale * codes.norm(dim=1)).contiguous(), error.contiguous())
+
+
+class Int8Screen:
+    """The greedy tokens of the whole-vocabulary check, exactly, from the int8 bounds and the exact
+    check (`exact(rows, states)`: the check's logits of the given output rows) of the rows left."""
+
+    def __init__(self, matrix: torch.Tensor, native, exact):
+        if matrix.shape[1] % WIDTH_MULTIPLE:
+            raise ValueError(f"the int8 screen needs a width that is a multiple of {WIDTH_MULTIPLE}")
+        self.rows, self.native, self.exact = ScreenedRows.of(matrix), native, exact
+        self.last_rows_left = 0
+
+    def greedy(self, hidden: torch.Tensor, penalised: list[torch.Tensor], penalty: float) -> torch.Tensor | None:
+        """The check's greedy token per state, or None where the screen leaves too many rows (or the
+        states are not finite): then the caller runs the full check."""
+        if not torch.isfinite(hidden).all():
+            return None
+        count, vocab = hidden.shape[0], self.rows.codes.shape[0]
+        bounds = self.native.screen_bounds(self.rows, ScreenedStates.of(hidden), torch.empty(count, vocab))
+        seen = None  # seen[j, r]: the penalty applies to row r in state j
+        if penalty != 1.0:
+            seen = torch.zeros(count, vocab, dtype=torch.bool)
+            for state, ids in enumerate(penalised):
+                seen[state, ids] = True
+                bounds[state, ids] = with_penalty(bounds[state, ids], penalty)  # monotone: still a bound
+        floors = self._checked_logits(bounds.argmax(1), hidden, seen, penalty).diagonal()
+        left = (bounds >= floors[:, None]).any(0).nonzero().flatten()  # sorted: ties go to the lowest id
+        self.last_rows_left = left.numel()
+        if left.numel() > MAX_SCREENED_ROWS:
+            return None
+        return left[self._checked_logits(left, hidden, seen, penalty).max(0).indices]
+
+    def _checked_logits(self, rows: torch.Tensor, hidden: torch.Tensor, seen: torch.Tensor | None,
+                        penalty: float) -> torch.Tensor:
+        """(len(rows), n): the exact check's logits of `rows`, with the penalty where `seen`."""
+        logits = self.exact(rows, hidden)
+        return logits if seen is None else torch.where(seen[:, rows].t(), with_penalty(logits, penalty), logits)

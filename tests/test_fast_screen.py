@@ -1,0 +1,119 @@
+"""The int8 screen of the whole-vocabulary check: its bounds hold for every row, and the greedy
+tokens it gives are the full check's, penalties and ties included; where it cannot decide cheaply
+it says so and the full check runs."""
+
+import pytest
+import torch
+
+import assistant.fast_native as fast_native
+import assistant.fast_screen as fast_screen
+from assistant.fast_check import VocabularyCheck
+from assistant.fast_native import NativeStep, NativeUnavailable
+from assistant.fast_screen import ScreenedRows, ScreenedStates
+
+try:
+    fast_native.library()
+except NativeUnavailable as err:  # a CPU without AVX2 or a machine without a compiler
+    pytest.skip(f"native step unavailable here: {err}", allow_module_level=True)
+
+
+@pytest.fixture
+def native():
+    step = NativeStep.__new__(NativeStep)  # the kernels only, no model
+    step.lib = fast_native.library()
+    return step
+
+
+def bf16(*shape, scale=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator) * scale).to(torch.bfloat16)
+
+
+def hidden_states(count, width, seed=0):
+    """bf16 states with a few large dimensions, as Gemma's final hidden states have."""
+    states = bf16(count, width, scale=3.0, seed=seed).float()
+    states[:, :3] *= 20
+    return states.to(torch.bfloat16)
+
+
+def checks(native, matrix):
+    return (VocabularyCheck(matrix, products=native.products),
+            VocabularyCheck(matrix, products=native.products, screen=native))
+
+
+def test_every_rows_bound_is_at_least_its_check_logit(native):
+    matrix = bf16(1003, 96, seed=1)  # rows not a multiple of the kernel's blocks
+    matrix[7] = 0  # a zero row, and a state of zeros below: scale 1, bound 0 + margin
+    states = torch.cat([hidden_states(6, 96, seed=2), torch.zeros(1, 96, dtype=torch.bfloat16)])
+    full, screened = checks(native, matrix)
+    bounds = native.screen_bounds(screened.screen.rows, ScreenedStates.of(states), torch.empty(7, 1003))
+    exact = full.logits(states)  # (states, rows)
+    assert bool((bounds >= exact).all())
+
+
+def test_bounds_hold_where_the_codes_are_exact_and_the_sums_cancel(native):
+    # Integer rows and states: no quantisation error, so only the margin for the exact check's
+    # roundings keeps the bound above the logit of a sum whose terms cancel.
+    generator = torch.Generator().manual_seed(11)
+    matrix = torch.randint(-127, 128, (500, 640), generator=generator).to(torch.bfloat16)
+    states = torch.randint(-63, 64, (5, 640), generator=generator).float()
+    states[:, 0] = 63  # the state scale is exactly 1
+    matrix[:, 0] = 127
+    full, screened = checks(native, matrix)
+    bounds = native.screen_bounds(screened.screen.rows, ScreenedStates.of(states), torch.empty(5, 500))
+    assert float(screened.screen.rows.error.max()) == 0.0
+    assert bool((bounds >= full.logits(states)).all())
+
+
+def test_the_codes_rebuild_rows_and_states_within_their_errors():
+    matrix = bf16(50, 64, seed=3)
+    rows = ScreenedRows.of(matrix)
+    assert rows.codes.dtype == torch.int8 and int(rows.codes.abs().max()) <= 127
+    assert torch.equal(rows.sums, rows.codes.sum(1, dtype=torch.int32))
+    rebuilt = rows.scale[:, None] * rows.codes.float()
+    torch.testing.assert_close((matrix.float() - rebuilt).norm(dim=1), rows.error)
+    states = ScreenedStates.of(hidden_states(4, 64))
+    assert int(states.codes.min()) >= 1 and int(states.codes.max()) <= 127  # code + 64, codes within +-63
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3, 0.8])
+def test_the_screened_greedy_tokens_are_the_full_checks(native, penalty):
+    matrix = bf16(2000, 64, seed=4)
+    states = hidden_states(9, 64, seed=5)
+    full, screened = checks(native, matrix)
+    best = full.logits(states).argmax(1)
+    # Each state's best row is penalised in some states, so the penalty moves the answer there.
+    penalised = [torch.cat([best[j: j + 1] if j % 2 else best[:0], torch.tensor([3, 3, 1999])]) for j in range(9)]
+    assert torch.equal(screened.greedy(states, penalised, penalty), full.greedy(states, penalised, penalty))
+    assert 0 < screened.screen.last_rows_left < 200  # it left a tenth of the rows or fewer to the exact check
+
+
+def test_a_tie_goes_to_the_lowest_row_as_in_the_full_check(native):
+    matrix = bf16(600, 64, seed=6)
+    states = hidden_states(3, 64, seed=7)
+    full, _ = checks(native, matrix)
+    best = full.logits(states).argmax(1)
+    matrix[5] = matrix[best[0]]  # the same logits as state 0's best row, at a lower id
+    matrix[590] = matrix[best[1]]  # and at a higher one for state 1
+    full, screened = checks(native, matrix)
+    tokens = screened.greedy(states, [torch.tensor([], dtype=torch.long)] * 3, 1.0)
+    assert torch.equal(tokens, full.greedy(states, [torch.tensor([], dtype=torch.long)] * 3, 1.0))
+    assert int(tokens[0]) == min(5, int(best[0])) and int(tokens[1]) == int(best[1])
+
+
+def test_the_full_check_runs_where_the_screen_leaves_too_many_rows(native, monkeypatch):
+    matrix = bf16(800, 64, seed=8)
+    states = hidden_states(4, 64, seed=9)
+    full, screened = checks(native, matrix)
+    monkeypatch.setattr(fast_screen, "MAX_SCREENED_ROWS", 0)
+    nothing = [torch.tensor([], dtype=torch.long)] * 4
+    assert screened.screen.greedy(states, nothing, 1.0) is None
+    assert torch.equal(screened.greedy(states, nothing, 1.0), full.greedy(states, nothing, 1.0))
+    broken = states.float()
+    broken[1, 2] = float("nan")
+    assert screened.screen.greedy(broken, nothing, 1.0) is None  # no bound holds for NaN: the full check decides
+
+
+def test_a_width_the_kernel_cannot_read_is_refused(native):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fast_screen.Int8Screen(bf16(10, 48), native, None)
