@@ -28,7 +28,7 @@ import dataclasses
 
 import torch
 
-from .fast_math import with_penalty
+from .fast_math import penalise, with_penalty
 
 STATE_LEVELS = 63  # 7-bit state codes: see the module docstring
 ROW_LEVELS = 127
@@ -36,6 +36,14 @@ QUANTISE_CHUNK = 4096  # rows converted at a time (an fp32 copy of the whole mat
 # Above this many rows left by the screen the full check is cheaper than gathering them.
 MAX_SCREENED_ROWS = 32768
 WIDTH_MULTIPLE = 32  # the kernel reads 32 codes per instruction
+
+
+def _quantise(values: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale per row, integer codes in -levels..levels as floats): values = scale x codes + error;
+    an all-zero row gets scale 1."""
+    scale = values.abs().amax(1) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.round(values / scale[:, None]).clamp_(-levels, levels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +64,7 @@ class ScreenedRows:
                        *(torch.empty(count) for _ in range(3)))
         for start in range(0, count, QUANTISE_CHUNK):
             rows = matrix[start:start + QUANTISE_CHUNK].float()
-            scale = rows.abs().amax(1) / ROW_LEVELS
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            codes = torch.round(rows / scale[:, None]).clamp_(-ROW_LEVELS, ROW_LEVELS)
+            scale, codes = _quantise(rows, ROW_LEVELS)
             stop = start + rows.shape[0]
             screened.codes[start:stop] = codes
             screened.sums[start:stop] = codes.sum(1)
@@ -79,9 +85,7 @@ class ScreenedStates:
     @classmethod
     def of(cls, states: torch.Tensor) -> ScreenedStates:
         states = states.float()
-        scale = states.abs().amax(1) / STATE_LEVELS
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.round(states / scale[:, None]).clamp(-STATE_LEVELS, STATE_LEVELS)
+        scale, codes = _quantise(states, STATE_LEVELS)
         # |w . e_h| <= |w| |e_h|; the exact check's fp32 sum of `width` products is off the real
         # dot product by at most width x 2^-23 x |w| |h| (any summation order): both go on |w|.
         width = states.shape[1]
@@ -124,4 +128,4 @@ class Int8Screen:
                         penalty: float) -> torch.Tensor:
         """(len(rows), n): the exact check's logits of `rows`, with the penalty where `seen`."""
         logits = self.exact(rows, hidden)
-        return logits if seen is None else torch.where(seen[:, rows].t(), with_penalty(logits, penalty), logits)
+        return logits if seen is None else penalise(logits, seen[:, rows].t(), penalty)
