@@ -72,6 +72,14 @@ def loss_curve(losses: list[float], points: int = 10, first_step: int = 1) -> di
             "last_10_mean": round(sum(losses[-10:]) / len(losses[-10:]), 4), "windows": marks}
 
 
+def _data_description(settings) -> str:
+    if settings.data:
+        return f"truly paired images and reports from {settings.data}"
+    balanced = (" Levels balanced: as many examples of each as of the rarest (a seeded draw)."
+                if getattr(settings, "balance_levels", False) else "")
+    return DATA[settings.task] + balanced
+
+
 def build_metadata(config: AssistantConfig, settings, examples, val, result, held_out: dict, out: str) -> dict:
     seconds = max(result.seconds, 1e-9)
     samples = result.batches * settings.batch_size
@@ -80,8 +88,7 @@ def build_metadata(config: AssistantConfig, settings, examples, val, result, hel
         "name": Path(out).name,
         "stage": settings.stage, "task": settings.task,
         "base_model": base_model_record(config),
-        "data": {"description": f"truly paired images and reports from {settings.data}" if settings.data
-                 else DATA[settings.task], "train_examples": len(examples),
+        "data": {"description": _data_description(settings), "train_examples": len(examples),
                  "train_examples_with_label_matched_image": with_images,
                  "held_out_examples": len(val), "pairing": PAIRING if with_images and not settings.data else None},
         "settings": dataclasses.asdict(settings),

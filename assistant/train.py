@@ -52,6 +52,7 @@ class LLMTrainSettings:
     train_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     val_examples: int = 32  # held-out examples for the exact loss before/after training
     limit: int | None = None  # train on the first N examples only (smoke tests)
+    balance_levels: bool = False  # educate: equal shares of the reading levels (train_data_text._balanced)
     seed: int = 0
     checkpoint_every: int = 20  # optimizer steps
 
@@ -228,7 +229,7 @@ def run_training(config: AssistantConfig, settings: LLMTrainSettings, out: str, 
     # The metadata records the dtype that actually trained, not "auto".
     settings = dataclasses.replace(settings, train_dtype=resolve_train_dtype(settings.train_dtype))
     examples = build_examples(settings.task, settings.stage, settings.image_fraction, settings.seed, root,
-                              paired=settings.data)
+                              paired=settings.data, balance_levels=settings.balance_levels)
     examples = examples[:settings.limit] if settings.limit else examples
     val = validation_examples(settings.task, settings.stage, settings.val_examples, settings.seed, root,
                               paired=settings.data)

@@ -19,6 +19,7 @@ headings and wrote one-line answers. Split by question id with the evaluation's 
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
@@ -122,18 +123,37 @@ def educate_prompt(question: str, passages: list[str], reading_level: str = READ
                   sources=sources or "(none found)")
 
 
-def educate_examples(split: str = "train", root: Path | None = None) -> list[Example]:
+def educate_examples(split: str = "train", root: Path | None = None, balance_levels: bool = False,
+                     seed: int = 0) -> list[Example]:
     """Questions with related passages of the same split (a held-out question never sees train text
-    and vice versa); questions whose focus has no other answer are skipped."""
+    and vice versa); questions whose focus has no other answer are skipped. `balance_levels`: as
+    many examples of each reading level as of the rarest (a seeded draw, order kept)."""
     if split not in ("train", "test"):
         raise ValueError(f"MedQuAD is split into train and test, not {split!r}")
     path = (root or shared_data_dir()) / "medquad" / "medquad_qa_with_answers.jsonl.gz"
     records = [r for r in getattr(medquad_split(load_medquad(path), seed=MEDQUAD_SEED), split) if r.get("question")]
     related = related_passages(records)
-    examples = []
+    examples, levels = [], []
     for record in records:
         target = education_target(record["answer"])
         if related[record["qid"]] and len(target.split()) >= MIN_TARGET_WORDS:
-            prompt = educate_prompt(record["question"], related[record["qid"]], reading_level_of(target))
-            examples.append(Example(prompt, target, source=record["qid"]))
-    return examples
+            levels.append(reading_level_of(target))
+            examples.append(Example(educate_prompt(record["question"], related[record["qid"]], levels[-1]),
+                                    target, source=record["qid"]))
+    return _balanced(examples, levels, seed) if balance_levels else examples
+
+
+# NIH answers are mostly adult-level (train split: 532 simple, 3,162 general, 5,926 detailed), so
+# a run drawing 1,600 of them saw ~90 simple targets and wrote at grade 11 whatever level was asked
+# for; equal shares let the level in the prompt steer the adapter.
+def _balanced(examples: list[Example], levels: list[str], seed: int) -> list[Example]:
+    """As many examples of each level as of the rarest level, drawn with `seed`, in their order."""
+    by_level: dict[str, list[int]] = {}
+    for index, level in enumerate(levels):
+        by_level.setdefault(level, []).append(index)
+    if len(by_level) < len(READING_LEVELS):
+        return examples  # a level has no example: balancing would leave nothing
+    share = min(len(indices) for indices in by_level.values())
+    rng = random.Random(seed)
+    kept = sorted(i for level in READING_LEVELS for i in rng.sample(by_level[level], share))
+    return [examples[i] for i in kept]

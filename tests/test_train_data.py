@@ -145,6 +145,34 @@ def test_education_examples_come_from_training_questions():
     assert {levels.count(level) > 100 for level in READING_LEVELS} == {True}
 
 
+def test_balanced_levels_keep_as_many_of_each_level_as_of_the_rarest_in_their_order():
+    from assistant.train_data_text import _balanced
+
+    levels = [READING_LEVELS[i] for i in (2, 2, 0, 1, 2, 1, 2, 0, 2, 1)]
+    examples = [Example(f"prompt {i}", f"target {i}", source=str(i)) for i in range(len(levels))]
+    kept = _balanced(examples, levels, seed=3)
+    kept_levels = [levels[int(e.source)] for e in kept]
+    assert [kept_levels.count(level) for level in READING_LEVELS] == [2, 2, 2]
+    assert [int(e.source) for e in kept] == sorted(int(e.source) for e in kept)  # order kept
+    assert _balanced(examples, levels, seed=3) == kept and _balanced(examples, levels, seed=4) != kept
+    assert _balanced(examples[:2], levels[:2], seed=3) == examples[:2]  # a level missing: nothing to balance
+
+
+def test_only_education_examples_balance_reading_levels():
+    with pytest.raises(ValueError, match="educate only"):
+        build_examples("summary", "lora", balance_levels=True)
+
+
+@needs_data
+def test_balanced_education_examples_hold_the_rarest_levels_count_of_each():
+    from assistant.train_data_text import educate_examples
+
+    balanced = educate_examples("train", balance_levels=True, seed=0)
+    levels = [next(level for level in READING_LEVELS if f"a {level} reading level" in e.prompt) for e in balanced]
+    counts = [levels.count(level) for level in READING_LEVELS]
+    assert counts[0] == counts[1] == counts[2] > 400  # 532 simple targets in the train split
+
+
 def test_reading_levels_follow_the_flesch_kincaid_grade_bands():
     from assistant.metrics import flesch_kincaid_grade
     from assistant.train_data_text import LEVEL_GRADE_LIMITS, reading_level_of
