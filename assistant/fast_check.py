@@ -57,8 +57,8 @@ class VocabularyCheck:
 
     With `products` (the native step's kernel, assistant.fast_native) each bf16 row is widened
     once in registers for all the real states, no padding and no fp32 copy: about 50-65 ms for 16
-    states on 2 cores, the same rounded values; 25 ms where AVX512-BF16 multiplies the bf16 pairs
-    in hardware. With `screen` as well (the NativeStep, on AVX2) `greedy` first bounds every row in
+    states on 2 cores, the same rounded values; 25-54 ms where AVX512-BF16 multiplies the bf16 pairs
+    in hardware (a Zen 4 EPYC, a Xeon). With `screen` as well (the NativeStep) `greedy` first bounds every row in
     int8 (assistant.fast_screen) and checks exactly only the rows that could win: the same tokens."""
 
     def __init__(self, embed: torch.Tensor, slots: int = DRAFT_TOKENS, chunk_rows: int = CHUNK_ROWS,
@@ -66,8 +66,7 @@ class VocabularyCheck:
         self.embed, self.slots, self.chunk_rows = embed, slots, chunk_rows
         self.native_products = products  # NativeStep.products: the fused bf16 kernel, when built
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # NativeStep, where the bf16 products widen rows (AVX2): greedy() screens the rows in int8
-        # first (assistant.fast_screen), same tokens.
+        # NativeStep: greedy() screens the rows in int8 first (assistant.fast_screen), same tokens.
         self.screen = None
         if screen is not None and products is not None:
             from .fast_screen import Int8Screen
@@ -79,12 +78,16 @@ class VocabularyCheck:
         matrix = self.embed.index_select(0, rows)
         return self.native_products(matrix, hidden.float(), torch.empty(rows.numel(), hidden.shape[0]))
 
-    def greedy(self, hidden: torch.Tensor, penalised: list[torch.Tensor], penalty: float) -> torch.Tensor:
+    def greedy(self, hidden: torch.Tensor, penalised: list[torch.Tensor], penalty: float,
+               candidates: torch.Tensor | None = None) -> torch.Tensor:
         """The greedy token of each state in `hidden` (n, width): the first row of the highest
         logit after transformers' repetition penalty on the token ids `penalised[j]` (state j's
-        tokens so far; divided when positive, multiplied when negative)."""
-        if self.screen is not None and (tokens := self.screen.greedy(hidden, penalised, penalty)) is not None:
-            return tokens
+        tokens so far; divided when positive, multiplied when negative). `candidates` (the drafts,
+        one row per state) only speed up the screen: the result does not depend on them."""
+        if self.screen is not None:
+            tokens = self.screen.greedy(hidden, penalised, penalty, candidates)
+            if tokens is not None:
+                return tokens
         logits = self._products(hidden)  # (vocab, n)
         if penalty != 1.0:
             for state, ids in enumerate(penalised):

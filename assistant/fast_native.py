@@ -104,6 +104,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bf16_products.argtypes = [p, i64, i64, p, i64, p]
     lib.screen_bounds.restype = None
     lib.screen_bounds.argtypes = [p, p, p, p, p, i64, i64, p, p, p, p, i64, p]
+    lib.screen_rows_left.restype = None
+    lib.screen_rows_left.argtypes = [p, p, p, p, p, i64, i64, p, p, p, p, i64, p, p]
     lib.set_threads.restype = None
     lib.set_threads.argtypes = [ctypes.c_int]
     lib.set_features.restype = None
@@ -200,7 +202,18 @@ class NativeStep:
         """out (n, rows): upper bounds on every row's check logit for each of n states, from the int8
         copies in `rows` and `states` (assistant.fast_screen's ScreenedRows and ScreenedStates)."""
         self.lib.set_threads(torch.get_num_threads())
-        self.lib.screen_bounds(_ptr(rows.codes), _ptr(rows.sums), _ptr(rows.scale), _ptr(rows.error), _ptr(rows.norm),
-                               rows.codes.shape[0], rows.codes.shape[1], _ptr(states.codes), _ptr(states.scale),
-                               _ptr(states.code_term), _ptr(states.error), states.codes.shape[0], _ptr(out))
+        self.lib.screen_bounds(*self._screen_operands(rows, states), _ptr(out))
         return out
+
+    def screen_rows_left(self, rows, states, floors: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (rows,) uint8: 1 where a row's bound (screen_bounds) reaches floors[j] (fp32) for some state j."""
+        floors = floors.float().contiguous()  # held here: a temporary's memory would be freed before the call
+        self.lib.set_threads(torch.get_num_threads())
+        self.lib.screen_rows_left(*self._screen_operands(rows, states), _ptr(floors), _ptr(out))
+        return out
+
+    @staticmethod
+    def _screen_operands(rows, states) -> tuple:
+        return (_ptr(rows.codes), _ptr(rows.sums), _ptr(rows.scale), _ptr(rows.error), _ptr(rows.norm),
+                rows.codes.shape[0], rows.codes.shape[1], _ptr(states.codes), _ptr(states.scale),
+                _ptr(states.code_term), _ptr(states.error), states.codes.shape[0])

@@ -1,10 +1,11 @@
-"""An int8 screen in front of the whole-vocabulary check (assistant.fast_check), for CPUs whose
-bf16 check widens rows to fp32 (AVX2): the same greedy tokens, about a third of the work.
+"""An int8 screen in front of the whole-vocabulary check (assistant.fast_check): the same greedy
+tokens, a third to a half of the work.
 
-Why: on AVX2 the check's 16 states x 262,144 rows x 640 fp32 products are compute-bound (55-80 ms
-on our 2 cores, over a third of served decoding's time). Here every row and state is also held
-as int8 codes, and the native kernel's exact integer sums bound each row's logit from above:
-value = scale x code + error, so
+Why: the check's 16 states x 262,144 rows x 640 products are compute-bound on 2 cores: 55-80 ms
+where AVX2 widens the bf16 rows to fp32 (over a third of served decoding's time), still 54 ms on a
+Xeon where AVX512-BF16 multiplies the pairs in hardware (benchmarks/native_step.py). Here every
+row and state is also held as int8 codes, and the native kernel's exact integer sums bound each
+row's logit from above: value = scale x code + error, so
 
     w.h = s_w s_h (q_w . q_h) + s_h (e_w . q_h) + w . e_h
         <= approximation + |e_w| s_h |q_h| + |w| |e_h|        (Cauchy-Schwarz, exact norms)
@@ -12,10 +13,11 @@ value = scale x code + error, so
 plus the exact check's own rounding (its fp32 sum, within width x 2^-23 x |w| |h| of the real dot
 product; its bf16 rounding, relative 2^-8) and that of the bound's float arithmetic (the kernel's
 margin, relative 2^-7 plus 0.01). A row whose bound stays below the exact logit of one row
-already checked cannot be the greedy token; the rows left (2,000-8,000 of 262,144 for a round of
-16 real states) get the exact bf16 check, whose value for a row does not depend on which other
-rows are computed with it. So the greedy token is the full check's, ties included (the lowest id
-among equal maxima), and the tests compare the two.
+already checked (the state's drafted token, usually its greedy one) cannot be the greedy token;
+the kernel compares as it goes and returns a byte per row, and the rows left (2,000-8,000 of
+262,144 for a round of 16 real states) get the exact bf16 check, whose value for a row does not
+depend on which other rows are computed with it. So the greedy token is the full check's, ties
+included (the lowest id among equal maxima), and the tests compare the two.
 
 States are 7-bit codes (-63..63, stored + 64 for the unsigned operand of vpmaddubsw, so a pair
 of products cannot saturate); rows 8-bit with a scale per row. The int8 copy of the output matrix
@@ -28,7 +30,7 @@ import dataclasses
 
 import torch
 
-from .fast_math import penalise, with_penalty
+from .fast_math import penalise
 
 STATE_LEVELS = 63  # 7-bit state codes: see the module docstring
 ROW_LEVELS = 127
@@ -102,30 +104,39 @@ class Int8Screen:
         if matrix.shape[1] % WIDTH_MULTIPLE:
             raise ValueError(f"the int8 screen needs a width that is a multiple of {WIDTH_MULTIPLE}")
         self.rows, self.native, self.exact = ScreenedRows.of(matrix), native, exact
+        self._left = torch.empty(matrix.shape[0], dtype=torch.uint8)  # the kernel's verdict per row, reused
         self.last_rows_left = 0
 
-    def greedy(self, hidden: torch.Tensor, penalised: list[torch.Tensor], penalty: float) -> torch.Tensor | None:
+    def greedy(self, hidden: torch.Tensor, penalised: list[torch.Tensor], penalty: float,
+               candidates: torch.Tensor | None = None) -> torch.Tensor | None:
         """The check's greedy token per state, or None where the screen leaves too many rows (or the
-        states are not finite): then the caller runs the full check."""
+        states are not finite): then the caller runs the full check. `candidates`: a likely greedy
+        row per state (the drafts); without them the best-bounded rows are found first."""
         if not torch.isfinite(hidden).all():
             return None
-        count, vocab = hidden.shape[0], self.rows.codes.shape[0]
-        bounds = self.native.screen_bounds(self.rows, ScreenedStates.of(hidden), torch.empty(count, vocab))
-        seen = None  # seen[j, r]: the penalty applies to row r in state j
-        if penalty != 1.0:
-            seen = torch.zeros(count, vocab, dtype=torch.bool)
-            for state, ids in enumerate(penalised):
-                seen[state, ids] = True
-                bounds[state, ids] = with_penalty(bounds[state, ids], penalty)  # monotone: still a bound
-        floors = self._checked_logits(bounds.argmax(1), hidden, seen, penalty).diagonal()
-        left = (bounds >= floors[:, None]).any(0).nonzero().flatten()  # sorted: ties go to the lowest id
-        self.last_rows_left = left.numel()
+        states = ScreenedStates.of(hidden)
+        if candidates is None:
+            bounds = self.native.screen_bounds(self.rows, states, torch.empty(hidden.shape[0], self._left.numel()))
+            candidates = bounds.argmax(1)
+        # A candidate's exact (penalised) logit is at most its state's greedy logit: a row bounded
+        # below it cannot win. A penalty >= 1 only lowers logits, so the bounds without it still bound
+        # them; one below 1 raises the penalised rows, which then all get the exact check.
+        floors = self._checked_logits(candidates, hidden, penalised, penalty).diagonal()
+        if not torch.isfinite(floors).all():
+            return None
+        left = self.native.screen_rows_left(self.rows, states, floors, self._left).nonzero().flatten()
+        if penalty < 1.0:
+            left = torch.unique(torch.cat([left, *penalised]))
+        self.last_rows_left = left.numel()  # sorted either way: ties go to the lowest id
         if left.numel() > MAX_SCREENED_ROWS:
             return None
-        return left[self._checked_logits(left, hidden, seen, penalty).max(0).indices]
+        return left[self._checked_logits(left, hidden, penalised, penalty).max(0).indices]
 
-    def _checked_logits(self, rows: torch.Tensor, hidden: torch.Tensor, seen: torch.Tensor | None,
+    def _checked_logits(self, rows: torch.Tensor, hidden: torch.Tensor, penalised: list[torch.Tensor],
                         penalty: float) -> torch.Tensor:
-        """(len(rows), n): the exact check's logits of `rows`, with the penalty where `seen`."""
+        """(len(rows), n): the exact check's logits of `rows`, with the penalty on state j's `penalised[j]`."""
         logits = self.exact(rows, hidden)
-        return logits if seen is None else penalise(logits, seen[:, rows].t(), penalty)
+        if penalty == 1.0:
+            return logits
+        seen = torch.stack([torch.isin(rows, ids.to(rows.dtype)) for ids in penalised], 1)
+        return penalise(logits, seen, penalty)

@@ -1,6 +1,7 @@
 """Native-step benchmark: the C++ step's product paths on the real Gemma 3 270M, in the same run:
 AVX2 (rows widened to fp32), AVX2 with the check's int8 screen (assistant.fast_screen, the
-default on AVX2), and AVX512-BF16 (bf16 pairs multiplied in hardware) where the CPU has it.
+default), and where the CPU has it AVX512-BF16 (bf16 pairs multiplied in hardware), with and
+without the screen (with it: the default there).
 
 Measures, for each path:
   check_ms        one whole-vocabulary check (greedy tokens of up to 16 drafted states) on the
@@ -37,7 +38,8 @@ import torch  # noqa: E402
 from assistant import fast_native  # noqa: E402
 from benchmarks.generation import differs_at, environment  # noqa: E402
 
-SCREENED = "AVX2 + int8 screen"
+SCREEN = " + int8 screen"
+SCREENED = "AVX2" + SCREEN
 PROMPT = "FINDINGS: The heart size is normal. The lungs are"
 NEW_TOKENS = 64
 
@@ -77,12 +79,12 @@ def decode_rate(decoder, ids, embeds) -> tuple[float, list[int]]:
 
 
 def checked_rounds(decoder, ids, embeds) -> list[tuple]:
-    """The (hidden states, penalised ids, penalty) of each check a decode of the prompt runs."""
+    """The (hidden states, penalised ids, penalty, drafts) of each check a decode of the prompt runs."""
     rounds, greedy = [], decoder.check.greedy
 
-    def recording(hidden, penalised, penalty):
-        rounds.append((hidden.clone(), [p.clone() for p in penalised], penalty))
-        return greedy(hidden, penalised, penalty)
+    def recording(hidden, penalised, penalty, candidates=None):
+        rounds.append((hidden.clone(), [p.clone() for p in penalised], penalty, candidates))
+        return greedy(hidden, penalised, penalty, candidates)
 
     decoder.check.greedy = recording
     try:
@@ -95,16 +97,16 @@ def checked_rounds(decoder, ids, embeds) -> list[tuple]:
 def check_seconds(decoder, rounds, repeats: int) -> list[float]:
     seconds = []
     for _ in range(repeats):
-        for hidden, penalised, penalty in rounds:
+        for hidden, penalised, penalty, candidates in rounds:
             start = time.perf_counter()
-            decoder.check.greedy(hidden, penalised, penalty)
+            decoder.check.greedy(hidden, penalised, penalty, candidates)
             seconds.append(time.perf_counter() - start)
     return seconds
 
 
 def use_path(decoder, path: str, screen) -> None:
-    fast_native.allow_avx512_bf16(path == "AVX512-BF16")
-    decoder.check.screen = screen if path == SCREENED else None
+    fast_native.allow_avx512_bf16(path.startswith("AVX512-BF16"))
+    decoder.check.screen = screen if path.endswith(SCREEN) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     from assistant.fast_screen import Int8Screen
 
     screen = decoder.check.screen or Int8Screen(decoder.check.embed, decoder.native, decoder.check.rows_logits)
-    paths = ["AVX2", SCREENED] + (["AVX512-BF16"] if fast_native.check_instructions() == "AVX512-BF16" else [])
+    bf16_paths = ["AVX512-BF16", "AVX512-BF16" + SCREEN] if fast_native.check_instructions() == "AVX512-BF16" else []
+    paths = ["AVX2", SCREENED] + bf16_paths
     rates, checks, tokens = {p: [] for p in paths}, {p: [] for p in paths}, {}
     try:
         use_path(decoder, "AVX2", screen)
@@ -135,19 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         fast_native.allow_avx512_bf16(True)
     left = []  # how many of the 262,144 rows each round's screen left to the exact check
-    for hidden, penalised, penalty in rounds:
-        screen.greedy(hidden, penalised, penalty)
+    for hidden, penalised, penalty, candidates in rounds:
+        screen.greedy(hidden, penalised, penalty, candidates)
         left.append(screen.last_rows_left)
     rows = [{"path": p, "served_tok_s_all": rates[p], "served_tok_s_median": statistics.median(rates[p]),
              "check_ms_best": 1e3 * min(checks[p]), "check_ms_median": 1e3 * statistics.median(checks[p])}
             for p in paths]
-    # Where the paths' greedy tokens part (a near-tie summed in another order); None: they agree.
-    first = differs_at(tokens["AVX2"], tokens[paths[-1]])
-    screen_first = differs_at(tokens["AVX2"], tokens[SCREENED])
+    # Where the instruction sets' greedy tokens part (a near-tie summed in another order); None: they
+    # agree. The screen must change no token of the products it screens for.
+    first = differs_at(tokens["AVX2"], tokens[bf16_paths[0] if bf16_paths else "AVX2"])
+    screen_first = next((at for plain in ["AVX2"] + bf16_paths[:1]
+                         if (at := differs_at(tokens[plain], tokens[plain + SCREEN])) is not None), None)
     result = {"benchmark": "native_step", "rows": rows, "prompt": PROMPT, "new_tokens": NEW_TOKENS,
               "tokens_equal": first is None, "first_difference_at": first,
               "screen_tokens_equal": screen_first is None, "checked_rounds": len(rounds),
-              "checked_states": [int(hidden.shape[0]) for hidden, _, _ in rounds], "screen_rows_left": left,
+              "checked_states": [int(round_[0].shape[0]) for round_ in rounds], "screen_rows_left": left,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/native_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "environment": environment(), "loadavg_before": list(before), "loadavg_after": list(os.getloadavg())}

@@ -93,7 +93,7 @@ def test_the_native_decoder_drafts_and_checks_exactly_the_whole_vocabulary_greed
     model = wide_bf16_gemma(seed=9)
     decoder = FastDecoder(model.model, max_positions=128, compile=False, shortlist=Shortlist(torch.arange(0, VOCAB, 2)))
     assert decoder.kernel == "native" and decoder.check.native_products is not None
-    assert (decoder.check.screen is not None) == (instructions == "AVX2")  # the int8 screen where rows are widened
+    assert decoder.check.screen is not None  # the int8 screen, in front of either product path
     prompt = prompt_ids(9, seed=9)
     assert fast(model, decoder, prompt, 40, penalty) == reference(model, prompt, 40, penalty)
     assert decoder.last_stats.checks >= 2

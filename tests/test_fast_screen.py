@@ -76,16 +76,32 @@ def test_the_codes_rebuild_rows_and_states_within_their_errors():
     assert int(states.codes.min()) >= 1 and int(states.codes.max()) <= 127  # code + 64, codes within +-63
 
 
+def test_the_rows_left_are_those_whose_bound_reaches_a_floor(native):
+    matrix = bf16(1003, 96, seed=12)
+    screened = ScreenedStates.of(hidden_states(6, 96, seed=13))
+    rows = ScreenedRows.of(matrix)
+    bounds = native.screen_bounds(rows, screened, torch.empty(6, 1003))
+    floors = bounds.quantile(0.97, dim=1)  # about 3% of each state's rows reach it
+    left = native.screen_rows_left(rows, screened, floors, torch.full((1003,), 7, dtype=torch.uint8))
+    assert torch.equal(left.bool(), (bounds >= floors[:, None]).any(0))
+    assert int(left.max()) == 1  # every byte written: no 7 left over
+
+
+@pytest.mark.parametrize("candidates", ["none", "best", "random"])
 @pytest.mark.parametrize("penalty", [1.0, 1.3, 0.8])
-def test_the_screened_greedy_tokens_are_the_full_checks(native, penalty):
+def test_the_screened_greedy_tokens_are_the_full_checks(native, penalty, candidates):
     matrix = bf16(2000, 64, seed=4)
     states = hidden_states(9, 64, seed=5)
     full, screened = checks(native, matrix)
     best = full.logits(states).argmax(1)
     # Each state's best row is penalised in some states, so the penalty moves the answer there.
     penalised = [torch.cat([best[j: j + 1] if j % 2 else best[:0], torch.tensor([3, 3, 1999])]) for j in range(9)]
-    assert torch.equal(screened.greedy(states, penalised, penalty), full.greedy(states, penalised, penalty))
-    assert 0 < screened.screen.last_rows_left < 200  # it left a tenth of the rows or fewer to the exact check
+    # Drafts are the usual candidates; wrong ones must not change the tokens, only the work.
+    drafts = {"none": None, "best": best, "random": torch.randint(0, 2000, (9,), generator=torch.Generator().manual_seed(1))}
+    tokens = screened.screen.greedy(states, penalised, penalty, drafts[candidates])
+    assert tokens is not None and torch.equal(tokens, full.greedy(states, penalised, penalty))
+    limit = 2001 if candidates == "random" else 200  # good candidates leave a tenth of the rows or fewer
+    assert 0 < screened.screen.last_rows_left < limit
 
 
 def test_a_tie_goes_to_the_lowest_row_as_in_the_full_check(native):
@@ -96,9 +112,12 @@ def test_a_tie_goes_to_the_lowest_row_as_in_the_full_check(native):
     matrix[5] = matrix[best[0]]  # the same logits as state 0's best row, at a lower id
     matrix[590] = matrix[best[1]]  # and at a higher one for state 1
     full, screened = checks(native, matrix)
-    tokens = screened.greedy(states, [torch.tensor([], dtype=torch.long)] * 3, 1.0)
-    assert torch.equal(tokens, full.greedy(states, [torch.tensor([], dtype=torch.long)] * 3, 1.0))
+    nothing = [torch.tensor([], dtype=torch.long)] * 3
+    tokens = screened.greedy(states, nothing, 1.0)
+    assert torch.equal(tokens, full.greedy(states, nothing, 1.0))
     assert int(tokens[0]) == min(5, int(best[0])) and int(tokens[1]) == int(best[1])
+    drafted_higher = torch.tensor([max(5, int(best[0])), 590, int(best[2])])  # drafts on the higher ids of the ties
+    assert torch.equal(screened.greedy(states, nothing, 1.0, candidates=drafted_higher), tokens)
 
 
 def test_the_full_check_runs_where_the_screen_leaves_too_many_rows(native, monkeypatch):

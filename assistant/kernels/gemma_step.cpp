@@ -417,13 +417,15 @@ inline __m128 upper_bounds4(const ScreenRows& rows, const ScreenStates& states, 
 }
 
 // Two rows x four states per tile (eight accumulators, four state operands and a row in the
-// sixteen registers; measured faster than 2x2, 4x2, 3x3 and 1x8 on Zen 3).
-// out is (n, total): state by state, so a state's bounds are contiguous.
+// sixteen registers; measured faster than 2x2, 4x2, 3x3 and 1x8 on Zen 3). `take(row, j, bounds)`
+// receives the bounds of row `row` for states j..j+3 (the states' numbers padded to four), for
+// j = 0, 4, ... in turn.
 constexpr int SCREEN_ROWS = 2, SCREEN_STATES = 4;
 static_assert(SCREEN_STATES == 4, "upper_bounds4 and horizontal_sums4 take four states");
 
-void screen_rows(const ScreenRows& rows, const ScreenStates& states, int64_t begin, int64_t end, int64_t total,
-                 int64_t cols, int64_t n, float* out) {
+template <typename Take>
+void screen_rows(const ScreenRows& rows, const ScreenStates& states, int64_t begin, int64_t end, int64_t cols,
+                 int64_t n, Take take) {
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t r = begin; r < end; r += SCREEN_ROWS) {
         const int8_t* row[SCREEN_ROWS];
@@ -442,15 +444,28 @@ void screen_rows(const ScreenRows& rows, const ScreenStates& states, int64_t beg
                     for (int k = 0; k < SCREEN_STATES; ++k) acc[i][k] = _mm256_add_epi32(acc[i][k], madd_u8s8(x[k], w, ones));
                 }
             }
-            for (int i = 0; i < SCREEN_ROWS && r + i < end; ++i) {
-                alignas(16) float bounds[SCREEN_STATES];
-                _mm_store_ps(bounds, upper_bounds4(rows, states, r + i, j,
-                                                   horizontal_sums4(acc[i][0], acc[i][1], acc[i][2], acc[i][3])));
-                for (int k = 0; k < SCREEN_STATES && j + k < n; ++k) out[(j + k) * total + r + i] = bounds[k];
-            }
+            for (int i = 0; i < SCREEN_ROWS && r + i < end; ++i)
+                take(r + i, j, upper_bounds4(rows, states, r + i, j,
+                                             horizontal_sums4(acc[i][0], acc[i][1], acc[i][2], acc[i][3])));
         }
     }
 }
+
+// The states' per-state numbers, padded with zeros to whole vectors of four.
+struct PaddedStates {
+    std::vector<float> scale, code_term, error;
+    ScreenStates view;
+    PaddedStates(const uint8_t* codes, const float* state_scale, const float* state_code_term,
+                 const float* state_error, int64_t n)
+        : scale(padded_count(n), 0.f), code_term(padded_count(n), 0.f), error(padded_count(n), 0.f) {
+        std::memcpy(scale.data(), state_scale, n * sizeof(float));
+        std::memcpy(code_term.data(), state_code_term, n * sizeof(float));
+        std::memcpy(error.data(), state_error, n * sizeof(float));
+        view = ScreenStates{codes, scale.data(), code_term.data(), error.data()};
+    }
+    PaddedStates(const PaddedStates&) = delete;  // `view` points into this object's own vectors
+    static int64_t padded_count(int64_t n) { return (n + SCREEN_STATES - 1) / SCREEN_STATES * SCREEN_STATES; }
+};
 
 }  // namespace
 
@@ -572,13 +587,31 @@ void screen_bounds(const int8_t* row_codes, const int32_t* row_sums, const float
                    const float* state_scale, const float* state_code_term, const float* state_error, int64_t n,
                    float* out) {
     ScreenRows r{row_codes, row_sums, row_scale, row_error, row_norm};
-    int64_t padded = (n + SCREEN_STATES - 1) / SCREEN_STATES * SCREEN_STATES;  // whole vectors of four
-    std::vector<float> scale(padded, 0.f), code_term(padded, 0.f), error(padded, 0.f);
-    std::memcpy(scale.data(), state_scale, n * sizeof(float));
-    std::memcpy(code_term.data(), state_code_term, n * sizeof(float));
-    std::memcpy(error.data(), state_error, n * sizeof(float));
-    ScreenStates s{state_codes, scale.data(), code_term.data(), error.data()};
-    split_rows(rows, [&](int64_t begin, int64_t end) { screen_rows(r, s, begin, end, rows, cols, n, out); });
+    PaddedStates s(state_codes, state_scale, state_code_term, state_error, n);
+    auto store = [&](int64_t row, int64_t j, __m128 bounds) {
+        alignas(16) float values[SCREEN_STATES];
+        _mm_store_ps(values, bounds);
+        for (int k = 0; k < SCREEN_STATES && j + k < n; ++k) out[(j + k) * rows + row] = values[k];
+    };
+    split_rows(rows, [&](int64_t begin, int64_t end) { screen_rows(r, s.view, begin, end, cols, n, store); });
+}
+
+// The screen's verdicts: left[r] = 1 where row r's bound reaches floors[j] for some state j (it
+// may be the greedy token of state j), else 0. A byte per row instead of n floats: no 16 MB
+// bounds array written and read back per check.
+void screen_rows_left(const int8_t* row_codes, const int32_t* row_sums, const float* row_scale, const float* row_error,
+                      const float* row_norm, int64_t rows, int64_t cols, const uint8_t* state_codes,
+                      const float* state_scale, const float* state_code_term, const float* state_error, int64_t n,
+                      const float* floors, uint8_t* left) {
+    ScreenRows r{row_codes, row_sums, row_scale, row_error, row_norm};
+    PaddedStates s(state_codes, state_scale, state_code_term, state_error, n);
+    std::vector<float> padded_floors(PaddedStates::padded_count(n), INFINITY);  // a padding state keeps nothing
+    std::memcpy(padded_floors.data(), floors, n * sizeof(float));
+    auto mark = [&](int64_t row, int64_t j, __m128 bounds) {
+        int reaches = _mm_movemask_ps(_mm_cmpge_ps(bounds, _mm_loadu_ps(padded_floors.data() + j))) != 0;
+        left[row] = j == 0 ? reaches : (left[row] | reaches);
+    };
+    split_rows(rows, [&](int64_t begin, int64_t end) { screen_rows(r, s.view, begin, end, cols, n, mark); });
 }
 
 void set_threads(int threads) { thread_count = threads > 0 ? threads : 1; }
