@@ -7,11 +7,28 @@ PORT ?= 7860
 
 .PHONY: setup demo test bench browser-deps prepare clean-cache
 
+# llama-cpp-python (the serving tests' and the benchmark's llama.cpp) compiles llama.cpp here. Its
+# default -march=native turns AMX on wherever cpuid lists it, and on a VM that lists AMX without
+# letting a process use the tiles the first decode dies in `ldtilecfg` (seen on a Xeon guest:
+# the llama.cpp server tests failed and the generation benchmark crashed). So on x86_64 this
+# CPU's other instruction sets are named one by one and AMX stays off.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+has_all = $(if $(strip $(foreach f,$(1),$(if $(filter $(f),$(CPU_FLAGS)),,missing))),OFF,ON)
+ggml_isa = -DGGML_$(1)=$(call has_all,$(2))
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF \
+  $(call ggml_isa,SSE42,sse4_2) $(call ggml_isa,AVX,avx) $(call ggml_isa,AVX2,avx2) \
+  $(call ggml_isa,BMI2,bmi2) $(call ggml_isa,FMA,fma) $(call ggml_isa,F16C,f16c) \
+  $(call ggml_isa,AVX_VNNI,avx_vnni) $(call ggml_isa,AVX512,avx512f avx512cd avx512vl avx512dq avx512bw) \
+  $(call ggml_isa,AVX512_VBMI,avx512vbmi) $(call ggml_isa,AVX512_VNNI,avx512_vnni) \
+  $(call ggml_isa,AVX512_BF16,avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+
 $(STAMP): pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: this machine's CPU wheel; an open range would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
+	# built on its own first, never from a wheel cached by an earlier (native) build
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir 'llama-cpp-python[server]>=0.3'
 	$(PY) -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 

@@ -162,8 +162,8 @@ def render_fast_path(r: dict) -> list[str]:
                      f"attention instead of SDPA (same model, another bf16 summation order) "
                      f"{yardstick['identical']} identical, after {yardstick['tokens_before_first_difference_median']:.0f} "
                      f"(minimum {yardstick['tokens_before_first_difference_min']}).")
-    if llama.get("skipped"):
-        lines.append(f"llama.cpp: {llama['skipped']}.")
+    if llama.get("skipped") or llama.get("error"):
+        lines.append(f"llama.cpp: {llama.get('skipped') or llama['error']}.")
     parts.append(" ".join(lines))
     return parts
 
@@ -325,7 +325,7 @@ def screen_sentence(r: dict) -> str:
         return ""  # a run from before the int8 screen
     left = sorted(r.get("screen_rows_left") or [0])
     return ("; the int8 screen's tokens " + ("equal" if r["screen_tokens_equal"] else "DIFFER FROM")
-            + f" the AVX2 check's, and it left {left[len(left) // 2]:,} rows per round (median; at most "
+            + f" those of the check it screens, and it left {left[len(left) // 2]:,} rows per round (median; at most "
             f"{left[-1]:,}) to the exact check")
 
 
