@@ -399,18 +399,26 @@ def reference_tokens(vlm, inputs: dict, tokens: int) -> list[int]:
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def llama_cpp_isolated(prompt: str, tokens: int, runs: int, bandwidth_gb_s: float) -> dict:
-    """llama_cpp_decode in a child process with this process's thread count: a crash inside
-    llama.cpp's native library (as an AMX build on a VM that forbids the tiles) is reported in the
-    results, not fatal to the whole run."""
+def in_child_process(function, *args, crashed: dict) -> dict:
+    """function(*args) in a fresh child process, or `crashed` where the child dies (a signal, an
+    abort): a crash inside a native library is then reported in the results, not fatal to the run.
+    `function` must be importable in the child: a module-level function of an imported module, or
+    of this script run as `python benchmarks/generation.py`."""
     context = multiprocessing.get_context("spawn")  # no fork of a process holding OpenMP threads
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        job = pool.submit(llama_cpp_decode, prompt, tokens, runs, bandwidth_gb_s, torch.get_num_threads())
         try:
-            return job.result()
+            return pool.submit(function, *args).result()
         except concurrent.futures.process.BrokenProcessPool:
-            return {"error": "llama.cpp crashed in its child process (the kernel log names the instruction); "
-                             "`make setup` builds llama-cpp-python without AMX"}
+            return crashed
+
+
+def llama_cpp_isolated(prompt: str, tokens: int, runs: int, bandwidth_gb_s: float) -> dict:
+    """llama_cpp_decode in a child process with this process's thread count (llama.cpp's native
+    library can die, as an AMX build on a VM that forbids the tiles did)."""
+    return in_child_process(llama_cpp_decode, prompt, tokens, runs, bandwidth_gb_s, torch.get_num_threads(),
+                            crashed={"error": "llama.cpp's child process died before it answered (its stderr and "
+                                              "the kernel log say why; an AMX build on a VM that forbids the "
+                                              "tiles dies so: `make setup` builds llama-cpp-python without AMX)"})
 
 
 def llama_cpp_decode(prompt: str, tokens: int, runs: int, bandwidth_gb_s: float, threads: int) -> dict:
