@@ -27,9 +27,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: this machine's CPU wheel; an open range would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	# built on its own first, never from a wheel cached by an earlier (native) build
+	# built on its own first, never from a wheel cached by an earlier (native) build; the same
+	# CMAKE_ARGS below in case pyproject.toml's llama-cpp-python range ever asks for a rebuild
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir 'llama-cpp-python[server]>=0.3'
-	$(PY) -m pip install -q -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 setup: $(STAMP)

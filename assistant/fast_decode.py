@@ -298,8 +298,9 @@ class FastDecoder:
         fed_ids = torch.stack([token, *drafts[:-1]])  # the token each step was fed
         earlier = before.nonzero().flatten()
         penalised = [torch.cat([earlier, fed_ids[1: state + 1]]) for state in range(len(drafts))]
-        checked = self.check.greedy(torch.cat(hidden), penalised, penalty, candidates=torch.stack(drafts))
-        wrong = (checked != torch.stack(drafts)).nonzero()
+        drafted = torch.stack(drafts)
+        checked = self.check.greedy(torch.cat(hidden), penalised, penalty, candidates=drafted)
+        wrong = (checked != drafted).nonzero()
         kept = int(wrong[0]) + 1 if len(wrong) else len(drafts)
         seen.copy_(before)
         seen[fed_ids[:kept]] = True  # the kept steps' tokens; the next round feeds the last checked one
