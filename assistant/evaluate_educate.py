@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from urllib.parse import urlparse
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -100,6 +101,23 @@ def score_system(references: Sequence[str], answers: Sequence[str], listed: Sequ
             "empty_answers": sum(not a.strip() for a in answers)}
 
 
+def by_site(questions: Sequence[dict], answers: Sequence[str]) -> dict:
+    """The model's scores per source site of the questions (rare-disease pages such as GHR and
+    GARD read far above the other NIH sites), with the references' grade beside them."""
+    groups: dict[str, list[int]] = {}
+    for index, question in enumerate(questions):
+        site = urlparse(question.get("url") or "").netloc.removeprefix("www.") or "unknown"
+        groups.setdefault(site, []).append(index)
+    out = {}
+    for site, indices in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
+        scores = score_system([questions[i]["answer"] for i in indices], [answers[i] for i in indices],
+                              [False] * len(indices), [False] * len(indices))
+        grades = [g for g in (flesch_kincaid_grade(questions[i]["answer"]) for i in indices) if g is not None]
+        out[site] = {"n": len(indices), "ROUGE_L": scores["ROUGE_L"], "fk_grade_mean": scores["fk_grade_mean"],
+                     "reference_fk_grade_mean": sum(grades) / len(grades) if grades else None}
+    return out
+
+
 def retrieval_hits(questions: Sequence[dict], hits: Sequence[Sequence[PassageHit]], index: PassageIndex) -> dict:
     urls = {p.url for p in index.passages}
     first = [bool(h) and h[0].passage.url == q["url"] for q, h in zip(questions, hits)]
@@ -156,6 +174,7 @@ def run_educate(assistant, limit: int | None, embed: Embed, embedder: tuple[str,
         "systems": SYSTEM_NAMES, "protocol": __doc__.split("Measures: ", 1)[1].strip(), "k": K,
         "reading_level": reading_level,
         "retrieval": retrieval_hits(questions, hits, index), "metrics": metrics,
+        "model_by_site": by_site(questions, [a for a, _ in parts]),
         "reference_fk_grade_mean": sum(grades) / len(grades) if grades else None,
         "timing": timings,
         "predictions": [{"qid": q["qid"], "answer": a, "sources": [h.passage.url for h in found]}

@@ -137,7 +137,16 @@ def render_educate(result: dict) -> str:
     line = (f"Retrieval: hit@1 {_cell(hits['hit_at_1'])}, hit@{k} {_cell(hits[f'hit_at_{k}'])} "
             f"({hits['criterion']}; {_cell(hits['answerable'])} of questions have their source page in the index). "
             f"Reference answers: FK grade {_cell(result['reference_fk_grade_mean'])}.")
-    return "\n\n".join([head, table, line])
+    return "\n\n".join([head, table, line, *_by_site_line(result.get("model_by_site"))])
+
+
+def _by_site_line(sites: dict | None) -> list[str]:
+    """The model's grade per source site ([] for results written before the breakdown existed)."""
+    if not sites:
+        return []
+    parts = [f"{site} {s['n']}: FK grade {_cell(s['fk_grade_mean'])} (references {_cell(s['reference_fk_grade_mean'])}), "
+             f"ROUGE-L {_cell(s['ROUGE_L'])}" for site, s in sites.items()]
+    return ["Model by source site of the question (questions: scores): " + "; ".join(parts) + "."]
 
 
 def render_retrieval(result: dict) -> str:

@@ -8,6 +8,7 @@ import pytest
 
 from assistant.evaluate_educate import (
     answer_parts,
+    by_site,
     cites_in_text,
     held_out_questions,
     passage_index,
@@ -52,6 +53,26 @@ def test_score_system_is_per_question_mean():
     assert scores["cited_in_text"] == 0.5 and scores["empty_answers"] == 1
 
 
+def test_scores_per_source_site_sit_beside_the_references_grade():
+    from assistant.evaluate_tables import _by_site_line
+    from assistant.metrics import flesch_kincaid_grade
+
+    plain, dense = "Gout hurts. Ice helps it.", "Hyperuricemia predisposes individuals to urate crystallization."
+    questions = [{"url": "https://ghr.nlm.nih.gov/condition/a", "answer": dense},
+                 {"url": "https://www.ghr.nlm.nih.gov/condition/b", "answer": dense},
+                 {"url": "https://www.cdc.gov/gout", "answer": plain}]
+    sites = by_site(questions, [plain, dense, plain])
+    assert list(sites) == ["ghr.nlm.nih.gov", "cdc.gov"]  # most questions first, "www." dropped
+    ghr = sites["ghr.nlm.nih.gov"]
+    assert ghr["n"] == 2 and ghr["ROUGE_L"] == pytest.approx(0.5)  # one answer copies its reference
+    assert ghr["fk_grade_mean"] == pytest.approx((flesch_kincaid_grade(plain) + flesch_kincaid_grade(dense)) / 2)
+    assert ghr["reference_fk_grade_mean"] == pytest.approx(flesch_kincaid_grade(dense))
+    assert sites["cdc.gov"]["ROUGE_L"] == pytest.approx(1.0)
+    line = _by_site_line(sites)[0]
+    assert line.index("ghr.nlm.nih.gov 2") < line.index("cdc.gov 1")
+    assert _by_site_line(None) == []  # results written before the breakdown
+
+
 def test_questions_are_held_out_and_seeded():
     data = records()
     split, questions = held_out_questions(data)
@@ -90,6 +111,7 @@ def test_educate_run_on_a_tiny_model(tiny_vlm):
     assert 0.0 <= result["metrics"]["top_passage"]["ROUGE_L"] <= 1.0
     assert [p["qid"] for p in result["predictions"]] == [q["qid"] for q in held_out_questions(records(), 2)[1]]
     assert all(len(p["sources"]) == 3 for p in result["predictions"])
+    assert sum(site["n"] for site in result["model_by_site"].values()) == 2
 
 
 @pytest.mark.skipif(not (__import__("conftest").SHARED_DATA / "medquad").is_dir(), reason="needs MedQuAD")
