@@ -75,11 +75,9 @@ def loss_curve(losses: list[float], points: int = 10, first_step: int = 1) -> di
 def _data_description(settings) -> str:
     if settings.data:
         return f"truly paired images and reports from {settings.data}"
-    extracts = (" Answers above the simple level also taught at the simple level as their own plain"
-                " sentences (train_data_text.plain_extract)." if getattr(settings, "plain_extracts", False) else "")
     balanced = (" Levels balanced: as many examples of each as of the rarest (a seeded draw)."
                 if getattr(settings, "balance_levels", False) else "")
-    return DATA[settings.task] + extracts + balanced
+    return DATA[settings.task] + balanced
 
 
 def build_metadata(config: AssistantConfig, settings, examples, val, result, held_out: dict, out: str) -> dict:

@@ -53,7 +53,6 @@ class LLMTrainSettings:
     val_examples: int = 32  # held-out examples for the exact loss before/after training
     limit: int | None = None  # train on the first N examples only (smoke tests)
     balance_levels: bool = False  # educate: equal shares of the reading levels (train_data_text._balanced)
-    plain_extracts: bool = False  # educate: answers also taught at the simple level as their plain sentences
     seed: int = 0
     checkpoint_every: int = 20  # optimizer steps
 
@@ -230,8 +229,7 @@ def run_training(config: AssistantConfig, settings: LLMTrainSettings, out: str, 
     # The metadata records the dtype that actually trained, not "auto".
     settings = dataclasses.replace(settings, train_dtype=resolve_train_dtype(settings.train_dtype))
     examples = build_examples(settings.task, settings.stage, settings.image_fraction, settings.seed, root,
-                              paired=settings.data, balance_levels=settings.balance_levels,
-                              plain_extracts=settings.plain_extracts)
+                              paired=settings.data, balance_levels=settings.balance_levels)
     examples = examples[:settings.limit] if settings.limit else examples
     val = validation_examples(settings.task, settings.stage, settings.val_examples, settings.seed, root,
                               paired=settings.data)

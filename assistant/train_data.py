@@ -142,17 +142,14 @@ def _nih_views(record: NihRecord) -> dict[str, str]:
 
 def build_examples(task: str, stage: str, image_fraction: float = 0.0, seed: int = 0,
                    root: Path | None = None, split: str = "train", paired: str | None = None,
-                   balance_levels: bool = False, plain_extracts: bool = False) -> list[Example]:
+                   balance_levels: bool = False) -> list[Example]:
     """The examples of one task and stage (summary/educate are text-only LoRA tasks). `paired`: a
     truly paired dataset folder (train_data_paired.py layouts) replacing IU text + label matching.
-    `balance_levels`: educate only, equal shares of the three reading levels; `plain_extracts`:
-    educate only, answers also taught at the simple level as their plain sentences."""
+    `balance_levels`: educate only, equal shares of the three reading levels."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if balance_levels and task != "educate":
         raise ValueError("balance_levels balances the reading levels of --task educate only")
-    if plain_extracts and task != "educate":
-        raise ValueError("plain_extracts adds simple-level answers to --task educate only")
     if paired is not None:
         if task != "report":
             raise ValueError("a paired image-report dataset serves --task report only")
@@ -169,7 +166,7 @@ def build_examples(task: str, stage: str, image_fraction: float = 0.0, seed: int
 
     if task == "summary":
         return summary_examples(split, root)
-    return educate_examples(split, root, balance_levels, seed, plain_extracts)
+    return educate_examples(split, root, balance_levels, seed)
 
 
 def validation_examples(task: str, stage: str, count: int, seed: int = 0, root: Path | None = None,

@@ -119,61 +119,6 @@ def reading_level_of(text: str) -> str:
     return READING_LEVELS[sum(grade is not None and grade >= limit for limit in LEVEL_GRADE_LIMITS)]
 
 
-# Plain extracts (`plain_extracts`): most held-out questions are about rare diseases (44 of the
-# first 60), whose NIH pages read at grade 13-18, and the simple-level targets are nearly all
-# about common ones, so asked for the simple level the adapter wrote grade 6.8 on training
-# questions but 10 on rare-disease ones. An extract keeps, in order, the answer's own sentences
-# that read plainly on their own: no new words, only the answer's facts.
-PLAIN_SENTENCE_GRADE = 8.0  # a sentence kept in an extract reads at most at this grade
-MIN_EXTRACT_WORDS = 40  # shorter extracts taught an earlier adapter 27-word answers
-MIN_EXTRACT_SENTENCES = 3
-BOILERPLATE_ANSWERS = 5  # a sentence in this many answers is page furniture ("The frequency may be listed...")
-
-
-def sentences_of(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
-
-
-def boilerplate_sentences(targets: list[str], answers: int = BOILERPLATE_ANSWERS) -> set[str]:
-    """Sentences found in at least `answers` different targets (templated page text, not facts)."""
-    seen: dict[str, int] = {}
-    for target in targets:
-        for sentence in set(sentences_of(target)):
-            seen[sentence] = seen.get(sentence, 0) + 1
-    return {sentence for sentence, count in seen.items() if count >= answers}
-
-
-# A sentence opening with one of these leans on the one before it ("This dilutes the blood..."):
-# kept only after its predecessor, or the extract reads as non sequiturs.
-LEANS_ON_PREVIOUS = re.compile(r"^(this|these|that|those|it|its|they|them|their|he|she|his|her|such|thus|"
-                               r"however|also|but|so|then|if not|if so|otherwise|instead|both|other|another|"
-                               r"in addition|in these|in this|for this|as a result)\b", re.I)
-# Page furniture inside answers: pointers to the page's videos, links and sections.
-PAGE_POINTERS = re.compile(r"\b(click|video|this page|this section|see the|visit|call \d|www\.|https?:)", re.I)
-
-
-def plain_extract(answer: str, boilerplate: set[str] = frozenset(), max_chars: int = MAX_ANSWER_CHARS) -> str:
-    """The answer's plain sentences in order (each at most PLAIN_SENTENCE_GRADE, whole sentences up
-    to max_chars), or "" when they make too short an answer or do not read at the simple level."""
-    kept, length, previous_kept = [], 0, True
-    for sentence in sentences_of(answer):
-        grade = flesch_kincaid_grade(sentence)
-        plain = (sentence not in boilerplate and len(sentence.split()) >= 4 and grade is not None
-                 and grade <= PLAIN_SENTENCE_GRADE and not PAGE_POINTERS.search(sentence)
-                 and (previous_kept or not LEANS_ON_PREVIOUS.match(sentence)))
-        previous_kept = plain
-        if not plain:
-            continue
-        if length + len(sentence) + 1 > max_chars:
-            break
-        kept.append(sentence)
-        length += len(sentence) + 1
-    extract = " ".join(kept)
-    plain = reading_level_of(extract) == READING_LEVELS[0]
-    long_enough = len(kept) >= MIN_EXTRACT_SENTENCES and len(extract.split()) >= MIN_EXTRACT_WORDS
-    return extract if plain and long_enough else ""
-
-
 def educate_prompt(question: str, passages: list[str], reading_level: str = READING_LEVELS[1]) -> str:
     """The prompt as Assistant.educate builds it for retrieved passages at `reading_level`."""
     sources = "\n".join(f"[{i}] {text}" for i, text in enumerate(passages, start=1))
@@ -182,34 +127,23 @@ def educate_prompt(question: str, passages: list[str], reading_level: str = READ
 
 
 def educate_examples(split: str = "train", root: Path | None = None, balance_levels: bool = False,
-                     seed: int = 0, plain_extracts: bool = False) -> list[Example]:
+                     seed: int = 0) -> list[Example]:
     """Questions with related passages of the same split (a held-out question never sees train text
     and vice versa); questions whose focus has no other answer are skipped. `balance_levels`: as
-    many examples of each reading level as of the rarest (a seeded draw, order kept).
-    `plain_extracts`: a question whose answer reads above the simple level is also taught at the
-    simple level, with its answer's `plain_extract` as the target, where it has one."""
+    many examples of each reading level as of the rarest (a seeded draw, order kept)."""
     if split not in ("train", "test"):
         raise ValueError(f"MedQuAD is split into train and test, not {split!r}")
     path = (root or shared_data_dir()) / "medquad" / "medquad_qa_with_answers.jsonl.gz"
     records = [r for r in getattr(medquad_split(load_medquad(path), seed=MEDQUAD_SEED), split) if r.get("question")]
     related = related_passages(records)
-    # Extracts draw on the whole answer (not the 800-character target): plain sentences further
-    # down count too. Listed by position, not by qid: MedQuAD repeats question ids across answers.
-    whole = [education_target(r["answer"], max_chars=len(r["answer"])) for r in records] if plain_extracts else []
-    boilerplate = boilerplate_sentences(whole)
     examples, levels = [], []
     for position, record in enumerate(records):
         target = education_target(record["answer"])
         if not related[position] or len(target.split()) < MIN_TARGET_WORDS:
             continue
-        pairs = [(target, reading_level_of(target))]
-        if plain_extracts and pairs[0][1] != READING_LEVELS[0]:
-            extract = plain_extract(whole[position], boilerplate)
-            pairs += [(extract, READING_LEVELS[0])] if extract else []
-        for text, level in pairs:
-            levels.append(level)
-            examples.append(Example(educate_prompt(record["question"], related[position], level),
-                                    text, source=record["qid"]))
+        levels.append(reading_level_of(target))
+        examples.append(Example(educate_prompt(record["question"], related[position], levels[-1]),
+                                target, source=record["qid"]))
     return _balanced(examples, levels, seed) if balance_levels else examples
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -189,69 +188,6 @@ def test_balanced_education_examples_hold_the_rarest_levels_count_of_each():
     levels = [next(level for level in READING_LEVELS if f"a {level} reading level" in e.prompt) for e in balanced]
     counts = [levels.count(level) for level in READING_LEVELS]
     assert counts[0] == counts[1] == counts[2] > 400  # 532 simple targets in the train split
-
-
-PLAIN = ["Gout is a kind of pain in your joints.", "It often starts in the big toe.",
-         "The toe gets red, hot and swollen.", "Ice and rest can help it feel better.",
-         "Your doctor can give you medicine for the pain.", "Drink lots of water every day.",
-         "Most people get better in a few days.", "Wear soft shoes when your toe hurts."]
-TECHNICAL = "Hyperuricemia predisposes individuals to monosodium urate crystallization within articular cartilage."
-
-
-def test_plain_extracts_keep_the_answers_own_plain_sentences_in_order():
-    from assistant.metrics import flesch_kincaid_grade
-    from assistant.train_data_text import PLAIN_SENTENCE_GRADE, plain_extract
-
-    assert flesch_kincaid_grade(TECHNICAL) > PLAIN_SENTENCE_GRADE
-    assert plain_extract(" ".join([TECHNICAL, *PLAIN])) == " ".join(PLAIN)
-    assert plain_extract(" ".join(PLAIN), boilerplate={PLAIN[2]}) == " ".join(PLAIN[:2] + PLAIN[3:])
-    # "It often starts..." leans on the sentence before it: dropped when that one was.
-    assert plain_extract(" ".join([PLAIN[0], TECHNICAL, *PLAIN[1:]])) == " ".join(PLAIN[:1] + PLAIN[2:])
-    pointer = "Watch the video on this page to learn more."
-    assert plain_extract(" ".join([*PLAIN[:4], pointer, *PLAIN[4:]])) == " ".join(PLAIN)
-    assert plain_extract(" ".join([TECHNICAL, *PLAIN[:3]])) == ""  # 3 plain sentences, under 40 words
-    assert plain_extract(" ".join(PLAIN), max_chars=len(PLAIN[0]) + 2) == ""  # whole sentences only: too short
-
-
-def test_boilerplate_is_a_sentence_many_answers_share():
-    from assistant.train_data_text import boilerplate_sentences
-
-    shared = "The frequency may also be listed as a fraction."
-    targets = [f"Answer {i} says something. {shared}" for i in range(5)] + ["Answer 9 says something."]
-    assert boilerplate_sentences(targets) == {shared}
-    assert boilerplate_sentences(targets, answers=6) == set()
-
-
-@needs_data
-def test_plain_extracts_add_simple_level_answers_made_of_the_answers_sentences():
-    from assistant.retrieval_passages import load_medquad
-    from assistant.train_data_text import educate_examples, reading_level_of, sentences_of
-
-    plain = educate_examples("train")
-    extended = educate_examples("train", plain_extracts=True)
-    unmatched = Counter((e.source, e.prompt, e.target) for e in plain)  # MedQuAD repeats question ids
-    added = []
-    for example in extended:
-        key = (example.source, example.prompt, example.target)
-        if unmatched[key]:
-            unmatched[key] -= 1
-        else:
-            added.append(example)
-    assert not +unmatched and len(added) > 200  # every plain example kept, extracts added
-    by_prompt = {e.prompt: e for e in plain}
-    for example in added[::25]:
-        assert f"a {READING_LEVELS[0]} reading level" in example.prompt
-        assert reading_level_of(example.target) == READING_LEVELS[0]
-        # taught beside the same question's own answer, which reads above the simple level
-        originals = [by_prompt.get(example.prompt.replace(READING_LEVELS[0], level)) for level in READING_LEVELS[1:]]
-        assert any(o is not None and reading_level_of(o.target) != READING_LEVELS[0] for o in originals)
-    records = [r for r in load_medquad() if r["qid"] in {e.source for e in added[:20]}]
-    for example in added[:20]:  # every sentence comes from the question's own answer
-        own = [r for r in records if r["qid"] == example.source and f"A patient asked: {r['question']}\n" in example.prompt]
-        source = " ".join(own[0]["answer"].split())
-        assert all(sentence in source for sentence in sentences_of(example.target))
-    with pytest.raises(ValueError, match="educate only"):
-        build_examples("summary", "lora", plain_extracts=True)
 
 
 def test_reading_levels_follow_the_flesch_kincaid_grade_bands():
