@@ -122,9 +122,32 @@ def check_instructions() -> str:
     return "AVX512-BF16" if library().features() & 1 else "AVX2"
 
 
+def screen_instructions() -> str:
+    """The instructions the check's int8 screen (assistant.fast_screen) sums with on this CPU:
+    "AMX-INT8" (tile products; for widths that are a multiple of 64 and up to 16 states, else
+    the next) where the CPU has it, Linux grants the tiles and AMX and AVX-512 are allowed,
+    "AVX512-VNNI" (vpdpbusd) where it has that and AVX-512 is allowed, else "AVX2"."""
+    features = library().features()
+    return "AMX-INT8" if features & 4 else "AVX512-VNNI" if features & 2 else "AVX2"
+
+
+_allowed = {"avx512": True, "amx": True}  # the kernels' defaults: every extension the CPU has
+
+
 def allow_avx512_bf16(allowed: bool) -> None:
-    """Let the products use AVX512-BF16 where the CPU has it (the default) or not (to compare)."""
-    library().set_features(int(allowed))
+    """Let the kernels use AVX-512 where the CPU has it (the default) or not (to compare): AVX512-BF16
+    for the products, AVX512-VNNI (and AMX, which needs it) for the screen."""
+    _allow(avx512=allowed)
+
+
+def allow_amx(allowed: bool) -> None:
+    """Let the screen use AMX where the CPU has it (the default) or not (to compare)."""
+    _allow(amx=allowed)
+
+
+def _allow(**changes: bool) -> None:
+    _allowed.update(changes)
+    library().set_features(int(_allowed["avx512"]) | int(_allowed["amx"]) << 1)
 
 
 def _ptr(tensor: torch.Tensor) -> int:

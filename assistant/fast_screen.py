@@ -20,7 +20,9 @@ depend on which other rows are computed with it. So the greedy token is the full
 included (the lowest id among equal maxima), and the tests compare the two.
 
 States are 7-bit codes (-63..63, stored + 64 for the unsigned operand of vpmaddubsw, so a pair
-of products cannot saturate); rows 8-bit with a scale per row. The int8 copy of the output matrix
+of products cannot saturate); rows 8-bit with a scale per row. The kernel sums them with the
+widest integer products the CPU has (AVX2, AVX512-VNNI, AMX tiles: fast_native.screen_instructions),
+the same exact integers on each, so the same bounds. The int8 copy of the output matrix
 costs rows x width bytes of memory (168 MB for Gemma 3's).
 """
 

@@ -1,7 +1,8 @@
 """Native-step benchmark: the C++ step's product paths on the real Gemma 3 270M, in the same run:
 AVX2 (rows widened to fp32), AVX2 with the check's int8 screen (assistant.fast_screen, the
 default), and where the CPU has it AVX512-BF16 (bf16 pairs multiplied in hardware), with and
-without the screen (with it: the default there).
+without the screen (with it: the default there; the screen then sums with AVX512-VNNI, or, where
+the CPU has AMX, in AMX tiles: both are measured, recorded per path as `screen_sums`).
 
 Measures, for each path:
   check_ms        one whole-vocabulary check (greedy tokens of up to 16 drafted states) on the
@@ -40,6 +41,7 @@ from benchmarks.generation import differs_at, environment  # noqa: E402
 
 SCREEN = " + int8 screen"
 SCREENED = "AVX2" + SCREEN
+AMX = " + AMX"  # the screen's sums in AMX tiles (without it, AVX512-VNNI)
 PROMPT = "FINDINGS: The heart size is normal. The lungs are"
 NEW_TOKENS = 64
 
@@ -106,7 +108,8 @@ def check_seconds(decoder, rounds, repeats: int) -> list[float]:
 
 def use_path(decoder, path: str, screen) -> None:
     fast_native.allow_avx512_bf16(path.startswith("AVX512-BF16"))
-    decoder.check.screen = screen if path.endswith(SCREEN) else None
+    fast_native.allow_amx(path.endswith(AMX))
+    decoder.check.screen = screen if SCREEN in path else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
 
     screen = decoder.check.screen or Int8Screen(decoder.check.embed, decoder.native, decoder.check.rows_logits)
     bf16_paths = ["AVX512-BF16", "AVX512-BF16" + SCREEN] if fast_native.check_instructions() == "AVX512-BF16" else []
+    if fast_native.screen_instructions() == "AMX-INT8":
+        bf16_paths.append("AVX512-BF16" + SCREEN + AMX)
     paths = ["AVX2", SCREENED] + bf16_paths
-    rates, checks, tokens = {p: [] for p in paths}, {p: [] for p in paths}, {}
+    rates, checks, tokens, sums = {p: [] for p in paths}, {p: [] for p in paths}, {}, {}
     try:
         use_path(decoder, "AVX2", screen)
         rounds = checked_rounds(decoder, ids, embeds)
         for path in paths:  # warm-up: caches, allocator, the first-token path
             use_path(decoder, path, screen)
+            sums[path] = fast_native.screen_instructions() if SCREEN in path else None
             decode_rate(decoder, ids, embeds)
         for _ in range(args.runs):
             for path in paths:
@@ -137,18 +143,19 @@ def main(argv: list[str] | None = None) -> int:
                 checks[path] += check_seconds(decoder, rounds, args.repeats)
     finally:
         fast_native.allow_avx512_bf16(True)
+        fast_native.allow_amx(True)
     left = []  # how many of the 262,144 rows each round's screen left to the exact check
     for hidden, penalised, penalty, candidates in rounds:
         screen.greedy(hidden, penalised, penalty, candidates)
         left.append(screen.last_rows_left)
-    rows = [{"path": p, "served_tok_s_all": rates[p], "served_tok_s_median": statistics.median(rates[p]),
+    rows = [{"path": p, "screen_sums": sums[p], "served_tok_s_all": rates[p], "served_tok_s_median": statistics.median(rates[p]),
              "check_ms_best": 1e3 * min(checks[p]), "check_ms_median": 1e3 * statistics.median(checks[p])}
             for p in paths]
     # Where the instruction sets' greedy tokens part (a near-tie summed in another order); None: they
     # agree. The screen must change no token of the products it screens for.
     first = differs_at(tokens["AVX2"], tokens[bf16_paths[0] if bf16_paths else "AVX2"])
-    screen_first = next((at for plain in ["AVX2"] + bf16_paths[:1]
-                         if (at := differs_at(tokens[plain], tokens[plain + SCREEN])) is not None), None)
+    screen_first = next((at for path in paths if SCREEN in path
+                         if (at := differs_at(tokens[path.split(SCREEN)[0]], tokens[path])) is not None), None)
     result = {"benchmark": "native_step", "rows": rows, "prompt": PROMPT, "new_tokens": NEW_TOKENS,
               "tokens_equal": first is None, "first_difference_at": first,
               "screen_tokens_equal": screen_first is None, "checked_rounds": len(rounds),

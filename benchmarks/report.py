@@ -311,7 +311,8 @@ def render_native_step(r: dict) -> str:
             + ("equal across paths" if r["tokens_equal"] else
                f"of the paths first differ at token {r.get('first_difference_at')} (another fp32 sum order)")
             + screen_sentence(r) + f" (`{r['command'].strip()}`).")
-    rows = [[row["path"], f"{row['served_tok_s_median']:.1f}",
+    rows = [[row["path"] + (f" (screen sums: {row['screen_sums']})" if row.get("screen_sums") else ""),
+             f"{row['served_tok_s_median']:.1f}",
              " / ".join(f"{rate:.1f}" for rate in row["served_tok_s_all"]),
              f"{row['check_ms_median']:.1f}", f"{row['check_ms_best']:.1f}"] for row in r["rows"]]
     check = "check of 16 states, ms (median)" if "checked_rounds" not in r else \

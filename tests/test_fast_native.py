@@ -88,6 +88,38 @@ def test_the_native_step_computes_the_torch_steps_logits_cache_and_hidden_state(
         token = rows[greedy]
 
 
+def test_the_steps_values_do_not_depend_on_how_many_threads_share_it(instructions):
+    """The step's team splits products, LoRA factors, heads and the activation between threads:
+    each value is still computed whole by one of them, so 1, 2 or 3 threads give the same bits."""
+    model = wide_bf16_gemma(seed=23)
+    text_model = with_lora(model).get_base_model().model
+    decoder = FastDecoder(text_model, max_positions=64, compile=False)
+    weights = decoder.weights_for("default")
+    prompt = prompt_ids(6, seed=23)
+    with torch.inference_mode():
+        decoder.prefill(weights, embeddings(model, prompt))
+    keys, values = decoder.cache()
+    prefilled = keys.clone(), values.clone()
+    seen = torch.zeros(VOCAB, dtype=torch.bool)
+    threads_before, runs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            keys.copy_(prefilled[0])
+            values.copy_(prefilled[1])
+            token, outputs = prompt[0, -1], []
+            for position in range(6, 14):
+                with torch.inference_mode():
+                    logits, greedy, hidden = decoder._advance(weights, weights.embed, token, position, seen, 1.3)
+                outputs += [logits, hidden, keys[:, :, position].clone(), values[:, :, position].clone()]
+                token = greedy
+            runs.append(outputs)
+    finally:
+        torch.set_num_threads(threads_before)
+    for outputs in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outputs, runs[0]))
+
+
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_the_native_decoder_drafts_and_checks_exactly_the_whole_vocabulary_greedy_tokens(penalty, instructions):
     model = wide_bf16_gemma(seed=9)

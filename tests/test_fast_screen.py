@@ -17,11 +17,34 @@ except NativeUnavailable as err:  # a CPU without AVX2 or a machine without a co
     pytest.skip(f"native step unavailable here: {err}", allow_module_level=True)
 
 
-@pytest.fixture
-def native():
+def kernels() -> NativeStep:
     step = NativeStep.__new__(NativeStep)  # the kernels only, no model
     step.lib = fast_native.library()
     return step
+
+
+PATHS = ["AVX2", "AVX512-VNNI", "AMX-INT8"]  # the screen's integer paths, widest last
+
+
+def use_screen(path: str) -> None:
+    """Make `path` the screen's widest allowed path, or skip where this CPU lacks it."""
+    fast_native.allow_avx512_bf16(True)
+    fast_native.allow_amx(True)
+    if PATHS.index(fast_native.screen_instructions()) < PATHS.index(path):
+        pytest.skip(f"this CPU (or its kernel) gives the screen no {path}")
+    fast_native.allow_avx512_bf16(path != "AVX2")
+    fast_native.allow_amx(path == "AMX-INT8")
+    assert fast_native.screen_instructions() == path
+
+
+@pytest.fixture(params=PATHS)
+def native(request):
+    """The kernels, with each of the screen's integer paths this CPU has: vpmaddubsw with AVX2,
+    vpdpbusd with AVX512-VNNI, tile products with AMX (the widest present is the default)."""
+    use_screen(request.param)
+    yield kernels()
+    fast_native.allow_avx512_bf16(True)
+    fast_native.allow_amx(True)
 
 
 def bf16(*shape, scale=1.0, seed=0):
@@ -63,6 +86,26 @@ def test_bounds_hold_where_the_codes_are_exact_and_the_sums_cancel(native):
     bounds = native.screen_bounds(screened.screen.rows, ScreenedStates.of(states), torch.empty(5, 500))
     assert float(screened.screen.rows.error.max()) == 0.0
     assert bool((bounds >= full.logits(states)).all())
+
+
+def bounds_with(path: str, rows, states, count: int) -> torch.Tensor:
+    use_screen(path)
+    try:
+        return kernels().screen_bounds(rows, states, torch.empty(len(states.scale), count))
+    finally:
+        fast_native.allow_avx512_bf16(True)
+        fast_native.allow_amx(True)
+
+
+# 640 codes: the model's width (AMX takes it); 96: a last block of 32 codes for the 64-wide loads
+# (AMX cannot, the VNNI screen runs). 1003 rows: 64-row AMX blocks, then a VNNI tail.
+@pytest.mark.parametrize("width, states", [(640, 13), (640, 16), (96, 13)])
+@pytest.mark.parametrize("path", ["AVX512-VNNI", "AMX-INT8"])
+def test_the_wider_screens_give_the_avx2_screens_bounds_bit_for_bit(path, width, states):
+    matrix, hidden = bf16(1003, width, seed=5), ScreenedStates.of(hidden_states(states, width, seed=6))
+    rows = ScreenedRows.of(matrix)
+    wide = bounds_with(path, rows, hidden, 1003)
+    assert torch.equal(wide, bounds_with("AVX2", rows, hidden, 1003))  # the same exact integer sums, same float arithmetic
 
 
 def test_the_codes_rebuild_rows_and_states_within_their_errors():

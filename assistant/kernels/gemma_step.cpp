@@ -9,10 +9,14 @@
 // The arithmetic is assistant/fast_math.py's, which is transformers' and peft's: every product
 // sums in fp32 and is rounded to bf16 where the reference rounds (matrix products, norms, RoPE
 // terms, residual sums, the LoRA term, attention probabilities); only the order of the fp32 sums
-// differs. Threads: OpenMP (the libgomp torch itself loads), splitting each product's rows.
+// differs. Threads: OpenMP (the libgomp torch itself loads): one team per token step, splitting
+// each product's rows (gemma_step); the check and the screen split their rows likewise.
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -181,20 +185,6 @@ void split_rows(int64_t rows, Rows rows_of) {
     }
 }
 
-// The rows split between the threads (small products stay on one thread: a fork costs more).
-void matvec(const bf16* weight, int64_t rows, int64_t cols, const float* x, float* out) {
-    std::vector<bf16> xb;
-    std::vector<float> xp(cols);
-    bool paired = paired_operand(x, cols, cols, xb);
-    if (!paired && cols % BLOCK == 0) interleave(x, cols, xp.data());
-    auto rows_of = [&](int64_t begin, int64_t end) {
-        if (paired) matvec_rows_avx512_bf16(weight, begin, end, cols, xb.data(), out);
-        else matvec_rows(weight, begin, end, cols, x, xp.data(), out);
-    };
-    if (rows * cols < (1 << 15)) rows_of(0, rows);
-    else split_rows(rows, rows_of);
-}
-
 struct Shape {
     int64_t hidden, heads, kv_heads, head_dim, intermediate, layers, window, rank, norm_width;
     float eps, scaling;
@@ -209,17 +199,124 @@ void rms_norm(const float* x, int64_t n, const float* scale, float eps, float* o
     for (int64_t i = 0; i < n; ++i) out[i] = round_bf16(x[i] * inverse * scale[i]);
 }
 
-// peft's LoRA term added to `out` (the base product of x): B (A x) rounded, times the scaling
-// rounded, the sum rounded; lora points at module `module`'s A (rank, in) and B (out, rank).
-void add_lora(const bf16* const* lora, const float* scalings, int module, int64_t rank, int64_t in,
-              int64_t out_rows, const float* x, float* out, float* scratch) {
-    float scaling = scalings[module];
-    if (scaling == 0.f) return;  // an adapter without LoRA here: B is zero, the term adds exactly 0
-    matvec(lora[2 * module], rank, in, x, scratch);  // rank x in: small, one thread
-    for (int64_t r = 0; r < out_rows; ++r) {
-        float term = round_bf16(round_bf16(dot1(lora[2 * module + 1] + r * rank, rank, scratch)) * scaling);
-        out[r] = round_bf16(out[r] + term);
+// round_bf16 of eight values at once, bit for bit (NaN stays NaN as float_to_bf16 keeps it).
+inline __m256 round_bf16x8(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v), high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), high);
+    __m256i quiet = _mm256_or_si256(_mm256_and_si256(bits, high), _mm256_set1_epi32(0x400000));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+// dot1 of eight consecutive rows (stride `cols`, a multiple of 8) with x: the same lane sums,
+// then horizontal_sum's order ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)) for all eight rows at once
+// through a transpose, so each value is dot1's bit for bit without eight horizontal sums.
+inline __m256 dot1_rows8(const bf16* rows, int64_t cols, const float* x) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < cols; c += 8) {
+        __m256 xv = _mm256_loadu_ps(x + c);
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(load_bf16x8(rows + i * cols + c), xv, acc[i]);
     }
+    __m256 t[8], u[8], lane[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(acc[i], acc[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(acc[i], acc[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int j = 0; j < 4; ++j) {  // lane[j][r] = acc[r][j]
+        lane[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+        lane[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+    }
+    return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(lane[0], lane[4]), _mm256_add_ps(lane[2], lane[6])),
+                         _mm256_add_ps(_mm256_add_ps(lane[1], lane[5]), _mm256_add_ps(lane[3], lane[7])));
+}
+
+// This thread's share [begin, end) of `count` rows: split_rows' shares (multiples of 4 rows), so a
+// row is computed by the same kernel block as there and its value does not depend on the split.
+void share_of(int64_t count, int id, int threads, int64_t& begin, int64_t& end) {
+    int64_t per = ((count + threads - 1) / threads + 3) / 4 * 4;
+    begin = id * per < count ? id * per : count;
+    end = begin + per < count ? begin + per : count;
+}
+
+// A product's other operand, prepared once for every row: bf16 pairs where the CPU multiplies them
+// (paired_operand), else the fp32 values and their `interleave` layout.
+struct Operand {
+    const float* x = nullptr;
+    int64_t cols = 0;
+    bool paired = false;
+    std::vector<bf16> xb;
+    std::vector<float> xp;
+    void prepare(const float* values, int64_t count) {
+        x = values;
+        cols = count;
+        paired = paired_operand(values, count, count, xb);
+        if (!paired && count % BLOCK == 0) {
+            xp.resize(count);
+            interleave(values, count, xp.data());
+        }
+    }
+    void rows(const bf16* weight, int64_t begin, int64_t end, float* out) const {
+        if (begin >= end) return;
+        if (paired) matvec_rows_avx512_bf16(weight, begin, end, cols, xb.data(), out);
+        else matvec_rows(weight, begin, end, cols, x, xp.data(), out);
+    }
+};
+
+// One LoRA module's rows of a (fused) product: peft's term B (A x) for output rows
+// [offset, offset + rows).
+struct LoraPart {
+    int module;
+    int64_t offset, rows;
+};
+
+// A (fused) product in the step's team: each thread its share of the base rows and of the LoRA A
+// rows (x A^T for every part, into mid), a barrier, then peft's term for its own share of the
+// output rows: B (A x) rounded, times the scaling rounded, the sum rounded, as peft's bf16 module
+// does. B's rows go eight at a time (dot1_rows8, dot1's values bit for bit). Ends at a barrier.
+void team_product(const bf16* weight, int64_t rows, const Operand& x, const bf16* const* lora, const float* scalings,
+                  const LoraPart* parts, int part_count, int64_t rank, float* mid, float* out, int id, int threads) {
+    int64_t begin, end;
+    share_of(rows, id, threads, begin, end);
+    x.rows(weight, begin, end, out);
+    if (lora) {  // A's rows in blocks of 4 within each part, as a product of A alone blocks them
+        int64_t blocks = (rank + 3) / 4, u_begin, u_end;
+        share_of(part_count * blocks * 4, id, threads, u_begin, u_end);
+        for (int64_t u = u_begin / 4; u < u_end / 4; ++u) {
+            int64_t p = u / blocks, first = u % blocks * 4, last = first + 4 < rank ? first + 4 : rank;
+            x.rows(lora[2 * parts[p].module], first, last, mid + p * rank);
+        }
+    }
+#pragma omp barrier
+    if (!lora) return;
+    for (int p = 0; p < part_count; ++p) {
+        float scaling = scalings[parts[p].module];
+        if (scaling == 0.f) continue;  // an adapter without LoRA here: B is zero, the term adds exactly 0
+        const bf16* b = lora[2 * parts[p].module + 1];
+        const float* a_x = mid + p * rank;
+        int64_t first = begin > parts[p].offset ? begin - parts[p].offset : 0;
+        int64_t last = end - parts[p].offset < parts[p].rows ? end - parts[p].offset : parts[p].rows;
+        float* target = out + parts[p].offset;
+        int64_t r = first;
+        if (rank % 8 == 0) {
+            const __m256 scale = _mm256_set1_ps(scaling);
+            for (; r + 8 <= last; r += 8) {
+                __m256 term = round_bf16x8(_mm256_mul_ps(round_bf16x8(dot1_rows8(b + r * rank, rank, a_x)), scale));
+                _mm256_storeu_ps(target + r, round_bf16x8(_mm256_add_ps(_mm256_loadu_ps(target + r), term)));
+            }
+        }
+        for (; r < last; ++r) {
+            float term = round_bf16(round_bf16(dot1(b + r * rank, rank, a_x)) * scaling);
+            target[r] = round_bf16(target[r] + term);
+        }
+    }
+#pragma omp barrier
 }
 
 // Rotary embedding (rotate-half form) of one head in bf16 arithmetic: x cos + rotate(x) sin.
@@ -451,6 +548,146 @@ void screen_rows(const ScreenRows& rows, const ScreenStates& states, int64_t beg
     }
 }
 
+// CPUs with AVX512-VNNI (every CPU with AVX512-BF16, and Intel's since Cascade Lake): vpdpbusd
+// adds four exact u8 x s8 products into each int32 lane, one instruction where AVX2 takes three
+// (vpmaddubsw, vpmaddwd, vpaddd) on half the width. The sums are the same exact integers, so the
+// bounds are those of screen_rows bit for bit (tested); the screen is compute-bound on 2 cores.
+// It runs where the AVX-512 paths are allowed (set_features bit 0).
+bool has_avx512_vnni() {
+    static const bool present = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vnni");
+    return present;
+}
+
+// 64 codes from p, or the 32 at p zero-extended (the last block of a width that is 32 mod 64).
+__attribute__((target("avx512f,avx512bw")))
+inline __m512i load_codes64(const void* p, bool half) {
+    return half ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+                : _mm512_loadu_si512(p);
+}
+
+// screen_rows with vpdpbusd: four rows x four states per tile (16 accumulators of the 32 zmm
+// registers; on a Xeon 2 rows were as fast, 6 slower).
+constexpr int VNNI_ROWS = 4;
+
+template <typename Take>
+__attribute__((target("avx2,avx512f,avx512bw,avx512vnni")))
+void screen_rows_vnni(const ScreenRows& rows, const ScreenStates& states, int64_t begin, int64_t end, int64_t cols,
+                      int64_t n, Take take) {
+    for (int64_t r = begin; r < end; r += VNNI_ROWS) {
+        const int8_t* row[VNNI_ROWS];
+        for (int i = 0; i < VNNI_ROWS; ++i) row[i] = rows.codes + (r + i < end ? r + i : r) * cols;
+        for (int64_t j = 0; j < n; j += SCREEN_STATES) {
+            const uint8_t* state[SCREEN_STATES];
+            for (int k = 0; k < SCREEN_STATES; ++k) state[k] = states.codes + (j + k < n ? j + k : j) * cols;
+            __m512i acc[VNNI_ROWS][SCREEN_STATES];
+            for (int i = 0; i < VNNI_ROWS; ++i)
+                for (int k = 0; k < SCREEN_STATES; ++k) acc[i][k] = _mm512_setzero_si512();
+            for (int64_t c = 0; c < cols; c += 64) {
+                bool half = cols - c < 64;
+                __m512i x[SCREEN_STATES];
+                for (int k = 0; k < SCREEN_STATES; ++k) x[k] = load_codes64(state[k] + c, half);
+                for (int i = 0; i < VNNI_ROWS; ++i) {
+                    __m512i w = load_codes64(row[i] + c, half);
+                    for (int k = 0; k < SCREEN_STATES; ++k) acc[i][k] = _mm512_dpbusd_epi32(acc[i][k], x[k], w);
+                }
+            }
+            for (int i = 0; i < VNNI_ROWS && r + i < end; ++i) {
+                __m256i half_sums[SCREEN_STATES];
+                for (int k = 0; k < SCREEN_STATES; ++k)
+                    half_sums[k] = _mm256_add_epi32(_mm512_castsi512_si256(acc[i][k]), _mm512_extracti64x4_epi64(acc[i][k], 1));
+                take(r + i, j, upper_bounds4(rows, states, r + i, j,
+                                             horizontal_sums4(half_sums[0], half_sums[1], half_sums[2], half_sums[3])));
+            }
+        }
+    }
+}
+
+// CPUs with AMX (Intel Sapphire Rapids and later): one tdpbsud multiplies a 16-row x 64-code tile
+// of the rows by the states' 64 codes of 16 states, 16,384 exact s8 x u8 products, so the screen
+// reads the int8 rows at memory speed instead of being bound by vpdpbusd's sums. The int32 sums
+// are the same integers and go through upper_bounds4 as above: the same bounds bit for bit
+// (tested). Linux hands out the tile registers per process on request (arch_prctl); where the
+// request fails, the CPU or the width does not fit (widths a multiple of 64, at most 16 states),
+// the VNNI screen runs. Set_features bit 1 turns it off (to compare).
+bool use_amx = true;
+
+bool has_amx_int8() {
+    static const bool usable = [] {
+        unsigned eax, ebx, ecx, edx;
+        if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 25)))
+            return false;  // AMX-TILE (bit 24) and AMX-INT8 (bit 25)
+        constexpr long request_permission = 0x1023, tile_data = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+        return syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
+    }();
+    return usable;
+}
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+};
+
+constexpr int AMX_STATES = 16, AMX_BLOCK = 64;  // four 16-row accumulator tiles per block of rows
+
+// The states' codes in the tiles' layout for tdpbsud's second operand: per 64-code chunk, 16 tile
+// rows of (state, 4 consecutive codes) for 16 states, the missing states zero.
+std::vector<uint8_t> amx_state_tiles(const ScreenStates& states, int64_t cols, int64_t n) {
+    std::vector<uint8_t> tiles(cols / 64 * 1024, 0);
+    for (int64_t chunk = 0; chunk < cols / 64; ++chunk)
+        for (int64_t quad = 0; quad < 16; ++quad)
+            for (int64_t j = 0; j < n; ++j)
+                std::memcpy(&tiles[chunk * 1024 + quad * 64 + j * 4], states.codes + j * cols + chunk * 64 + quad * 4, 4);
+    return tiles;
+}
+
+template <typename Take>
+__attribute__((target("avx2,avx512f,avx512bw,avx512vnni,amx-tile,amx-int8")))
+void screen_rows_amx(const ScreenRows& rows, const ScreenStates& states, int64_t begin, int64_t end, int64_t cols,
+                     int64_t n, Take take) {
+    const std::vector<uint8_t> tiles = amx_state_tiles(states, cols, n);
+    TileConfig config;
+    for (int t = 0; t < 7; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;  // 0-3 sums, 4-5 rows, 6 states
+    _tile_loadconfig(&config);
+    alignas(64) int32_t sums[AMX_BLOCK][AMX_STATES];
+    int64_t r = begin;
+    for (; r + AMX_BLOCK <= end; r += AMX_BLOCK) {
+        const int8_t* block = rows.codes + r * cols;
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t c = 0; c < cols; c += 64) {
+            _tile_loadd(6, tiles.data() + c / 64 * 1024, 64);
+            _tile_loadd(4, block + c, cols);
+            _tile_dpbsud(0, 4, 6);
+            _tile_loadd(5, block + 16 * cols + c, cols);
+            _tile_dpbsud(1, 5, 6);
+            _tile_loadd(4, block + 32 * cols + c, cols);
+            _tile_dpbsud(2, 4, 6);
+            _tile_loadd(5, block + 48 * cols + c, cols);
+            _tile_dpbsud(3, 5, 6);
+        }
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(1, sums[16], 64);
+        _tile_stored(2, sums[32], 64);
+        _tile_stored(3, sums[48], 64);
+        for (int64_t i = 0; i < AMX_BLOCK; ++i)
+            for (int64_t j = 0; j < n; j += SCREEN_STATES)
+                take(r + i, j, upper_bounds4(rows, states, r + i, j, _mm_load_si128(reinterpret_cast<const __m128i*>(&sums[i][j]))));
+    }
+    _tile_release();
+    if (r < end) screen_rows_vnni(rows, states, r, end, cols, n, take);
+}
+
+// The screen on this CPU's widest integer products.
+template <typename Take>
+void screen_rows_best(const ScreenRows& rows, const ScreenStates& states, int64_t begin, int64_t end, int64_t cols,
+                      int64_t n, Take take) {
+    if (use_avx512_bf16 && use_amx && cols % 64 == 0 && n <= AMX_STATES && has_avx512_vnni() && has_amx_int8())
+        screen_rows_amx(rows, states, begin, end, cols, n, take);
+    else if (use_avx512_bf16 && has_avx512_vnni()) screen_rows_vnni(rows, states, begin, end, cols, n, take);
+    else screen_rows(rows, states, begin, end, cols, n, take);
+}
+
 // The states' per-state numbers, padded with zeros to whole vectors of four.
 struct PaddedStates {
     std::vector<float> scale, code_term, error;
@@ -486,68 +723,103 @@ int gemma_step(const Shape* shape, const void* const* weights, const uint8_t* lo
     const int64_t group = s.heads / s.kv_heads;
     std::vector<float> h(s.hidden), x(s.hidden), mixed(q_size + 2 * kv_size), attended(q_size),
         projected(s.hidden), gate_up(2 * s.intermediate), act(s.intermediate), down(s.hidden),
-        normed(s.hidden), scratch(s.rank > 0 ? s.rank : 1);
-    std::vector<float> head_vector(q_size > kv_size ? q_size : kv_size);
+        normed(s.hidden), mid(s.rank > 0 ? 3 * s.rank : 1);
+    const LoraPart qkv_parts[3] = {{0, 0, q_size}, {1, q_size, kv_size}, {2, q_size + kv_size, kv_size}};
+    const LoraPart o_part[1] = {{3, 0, s.hidden}}, down_part[1] = {{6, 0, s.hidden}};
+    const LoraPart gate_up_parts[2] = {{4, 0, s.intermediate}, {5, s.intermediate, s.intermediate}};
+    Operand operand;
     const bf16* embed = static_cast<const bf16*>(weights[0]);
     for (int64_t i = 0; i < s.hidden; ++i) h[i] = round_bf16(bf16_to_float(embed[token * s.hidden + i]) * embed_scale);
-    int64_t cursor = 2;
-    for (int64_t layer = 0; layer < s.layers; ++layer) {
-        const bf16* qkv = static_cast<const bf16*>(weights[cursor]);
-        const bf16* o = static_cast<const bf16*>(weights[cursor + 1]);
-        const bf16* gu = static_cast<const bf16*>(weights[cursor + 2]);
-        const bf16* dn = static_cast<const bf16*>(weights[cursor + 3]);
-        const float* norms = static_cast<const float*>(weights[cursor + 4]);
-        const bf16* const* lora = lora_layers[layer] ? reinterpret_cast<const bf16* const*>(weights + cursor + 5) : nullptr;
-        const float* scalings = lora ? static_cast<const float*>(weights[cursor + 5 + 14]) : nullptr;
-        cursor += 5 + (lora ? 15 : 0);
+    // One team for the whole token: a fork and join per product, with the norms, heads and
+    // attention between them on one thread while the other waited, cost a tenth of the step.
+    // Between the products, the team splits the heads and the activation; the 640-value norms and
+    // residual sums stay on one thread (`single`, whose end is a barrier).
+#pragma omp parallel num_threads(thread_count)
+    {
+        const int threads = omp_get_num_threads(), id = omp_get_thread_num();
+        std::vector<float> head_vector(s.head_dim);
+        int64_t cursor = 2;
+#pragma omp single
+        {
+            rms_norm(h.data(), s.hidden, static_cast<const float*>(weights[2 + 4]), s.eps, x.data());
+            operand.prepare(x.data(), s.hidden);
+        }
+        for (int64_t layer = 0; layer < s.layers; ++layer) {
+            const bf16* qkv = static_cast<const bf16*>(weights[cursor]);
+            const bf16* o = static_cast<const bf16*>(weights[cursor + 1]);
+            const bf16* gu = static_cast<const bf16*>(weights[cursor + 2]);
+            const bf16* dn = static_cast<const bf16*>(weights[cursor + 3]);
+            const float* norms = static_cast<const float*>(weights[cursor + 4]);
+            const bf16* const* lora = lora_layers[layer] ? reinterpret_cast<const bf16* const*>(weights + cursor + 5) : nullptr;
+            const float* scalings = lora ? static_cast<const float*>(weights[cursor + 5 + 14]) : nullptr;
+            cursor += 5 + (lora ? 15 : 0);
 
-        rms_norm(h.data(), s.hidden, norms, s.eps, x.data());
-        matvec(qkv, q_size + 2 * kv_size, s.hidden, x.data(), mixed.data());
-        float *q = mixed.data(), *k = q + q_size, *v = k + kv_size;
-        if (lora) {
-            add_lora(lora, scalings, 0, s.rank, s.hidden, q_size, x.data(), q, scratch.data());
-            add_lora(lora, scalings, 1, s.rank, s.hidden, kv_size, x.data(), k, scratch.data());
-            add_lora(lora, scalings, 2, s.rank, s.hidden, kv_size, x.data(), v, scratch.data());
+            team_product(qkv, q_size + 2 * kv_size, operand, lora, scalings, qkv_parts, 3, s.rank, mid.data(),
+                         mixed.data(), id, threads);
+            float *q = mixed.data(), *k = q + q_size, *v = k + kv_size;
+            int64_t table = sliding[layer] ? 0 : 1;
+            const bf16* c = cos + (table * table_positions + position) * s.head_dim;
+            const bf16* sn = sin + (table * table_positions + position) * s.head_dim;
+            for (int64_t head_index = id; head_index < s.heads + s.kv_heads; head_index += threads) {
+                bool is_query = head_index < s.heads;
+                float* vector = is_query ? q + head_index * s.head_dim : k + (head_index - s.heads) * s.head_dim;
+                rms_norm(vector, s.head_dim, norms + (is_query ? 4 : 5) * s.norm_width, s.eps, head_vector.data());
+                std::memcpy(vector, head_vector.data(), s.head_dim * sizeof(float));
+                rotate(vector, s.head_dim, c, sn);
+            }
+#pragma omp barrier
+            int64_t first = sliding[layer] ? (position - s.window + 1 > 0 ? position - s.window + 1 : 0) : 0;
+            for (int64_t query = id; query < s.heads; query += threads) {  // each head's softmax on its own
+                int64_t kv = query / group;
+                const float* key_slots = keys + ((layer * s.kv_heads + kv) * cache_positions) * s.head_dim;
+                const float* value_slots = values + ((layer * s.kv_heads + kv) * cache_positions) * s.head_dim;
+                attend(q + query * s.head_dim, 1, s.head_dim, k + kv * s.head_dim, v + kv * s.head_dim, key_slots,
+                       value_slots, first, position, s.scaling, attended.data() + query * s.head_dim);
+            }
+#pragma omp barrier
+#pragma omp single
+            {  // the token's own key and value join the cache (attend read them from k and v)
+                for (int64_t kv = 0; kv < s.kv_heads; ++kv) {
+                    int64_t slot = ((layer * s.kv_heads + kv) * cache_positions + position) * s.head_dim;
+                    std::memcpy(keys + slot, k + kv * s.head_dim, s.head_dim * sizeof(float));
+                    std::memcpy(values + slot, v + kv * s.head_dim, s.head_dim * sizeof(float));
+                }
+                operand.prepare(attended.data(), q_size);
+            }
+            team_product(o, s.hidden, operand, lora, scalings, o_part, 1, s.rank, mid.data(), projected.data(), id,
+                         threads);
+#pragma omp single
+            {
+                rms_norm(projected.data(), s.hidden, norms + 1 * s.norm_width, s.eps, normed.data());
+                for (int64_t i = 0; i < s.hidden; ++i) h[i] = round_bf16(h[i] + normed[i]);
+                rms_norm(h.data(), s.hidden, norms + 2 * s.norm_width, s.eps, x.data());
+                operand.prepare(x.data(), s.hidden);
+            }
+            team_product(gu, 2 * s.intermediate, operand, lora, scalings, gate_up_parts, 2, s.rank, mid.data(),
+                         gate_up.data(), id, threads);
+            int64_t begin, end;  // gated's vector path takes whole groups of 8 (shares are multiples of 4)
+            share_of((s.intermediate + 7) / 8, id, threads, begin, end);
+            begin *= 8;
+            end = end * 8 < s.intermediate ? end * 8 : s.intermediate;
+            if (begin < end) gated(gate_up.data() + begin, gate_up.data() + s.intermediate + begin, end - begin, act.data() + begin);
+#pragma omp barrier
+#pragma omp single
+            operand.prepare(act.data(), s.intermediate);
+            team_product(dn, s.hidden, operand, lora, scalings, down_part, 1, s.rank, mid.data(), down.data(), id,
+                         threads);
+#pragma omp single
+            {
+                rms_norm(down.data(), s.hidden, norms + 3 * s.norm_width, s.eps, normed.data());
+                for (int64_t i = 0; i < s.hidden; ++i) h[i] = round_bf16(h[i] + normed[i]);
+                bool last = layer + 1 == s.layers;  // the next layer's input norm, or the final norm
+                const float* next_norm = static_cast<const float*>(last ? weights[1] : weights[cursor + 4]);
+                rms_norm(h.data(), s.hidden, next_norm, s.eps, x.data());
+                operand.prepare(x.data(), s.hidden);
+            }
         }
-        int64_t table = sliding[layer] ? 0 : 1;
-        const bf16* c = cos + (table * table_positions + position) * s.head_dim;
-        const bf16* sn = sin + (table * table_positions + position) * s.head_dim;
-        for (int64_t head_index = 0; head_index < s.heads + s.kv_heads; ++head_index) {
-            bool is_query = head_index < s.heads;
-            float* vector = is_query ? q + head_index * s.head_dim : k + (head_index - s.heads) * s.head_dim;
-            rms_norm(vector, s.head_dim, norms + (is_query ? 4 : 5) * s.norm_width, s.eps, head_vector.data());
-            std::memcpy(vector, head_vector.data(), s.head_dim * sizeof(float));
-            rotate(vector, s.head_dim, c, sn);
-        }
-        int64_t first = sliding[layer] ? (position - s.window + 1 > 0 ? position - s.window + 1 : 0) : 0;
-        for (int64_t kv = 0; kv < s.kv_heads; ++kv) {
-            float* key_slots = keys + ((layer * s.kv_heads + kv) * cache_positions) * s.head_dim;
-            float* value_slots = values + ((layer * s.kv_heads + kv) * cache_positions) * s.head_dim;
-            attend(q + kv * group * s.head_dim, group, s.head_dim, k + kv * s.head_dim, v + kv * s.head_dim,
-                   key_slots, value_slots, first, position, s.scaling, attended.data() + kv * group * s.head_dim);
-            std::memcpy(key_slots + position * s.head_dim, k + kv * s.head_dim, s.head_dim * sizeof(float));
-            std::memcpy(value_slots + position * s.head_dim, v + kv * s.head_dim, s.head_dim * sizeof(float));
-        }
-        matvec(o, s.hidden, q_size, attended.data(), projected.data());
-        if (lora) add_lora(lora, scalings, 3, s.rank, q_size, s.hidden, attended.data(), projected.data(), scratch.data());
-        rms_norm(projected.data(), s.hidden, norms + 1 * s.norm_width, s.eps, normed.data());
-        for (int64_t i = 0; i < s.hidden; ++i) h[i] = round_bf16(h[i] + normed[i]);
-        rms_norm(h.data(), s.hidden, norms + 2 * s.norm_width, s.eps, x.data());
-        matvec(gu, 2 * s.intermediate, s.hidden, x.data(), gate_up.data());
-        float *gate = gate_up.data(), *up = gate + s.intermediate;
-        if (lora) {
-            add_lora(lora, scalings, 4, s.rank, s.hidden, s.intermediate, x.data(), gate, scratch.data());
-            add_lora(lora, scalings, 5, s.rank, s.hidden, s.intermediate, x.data(), up, scratch.data());
-        }
-        gated(gate, up, s.intermediate, act.data());
-        matvec(dn, s.hidden, s.intermediate, act.data(), down.data());
-        if (lora) add_lora(lora, scalings, 6, s.rank, s.intermediate, s.hidden, act.data(), down.data(), scratch.data());
-        rms_norm(down.data(), s.hidden, norms + 3 * s.norm_width, s.eps, normed.data());
-        for (int64_t i = 0; i < s.hidden; ++i) h[i] = round_bf16(h[i] + normed[i]);
+        team_product(head, head_rows, operand, nullptr, nullptr, nullptr, 0, s.rank, nullptr, logits, id, threads);
     }
-    rms_norm(h.data(), s.hidden, static_cast<const float*>(weights[1]), s.eps, x.data());
     for (int64_t i = 0; i < s.hidden; ++i) hidden_out[i] = float_to_bf16(x[i]);
-    matvec(head, head_rows, s.hidden, x.data(), logits);
     int64_t top = 0;
     for (int64_t r = 0; r < head_rows; ++r) {
         if (seen[r]) logits[r] = logits[r] < 0 ? logits[r] * penalty : logits[r] / penalty;
@@ -593,7 +865,7 @@ void screen_bounds(const int8_t* row_codes, const int32_t* row_sums, const float
         _mm_store_ps(values, bounds);
         for (int k = 0; k < SCREEN_STATES && j + k < n; ++k) out[(j + k) * rows + row] = values[k];
     };
-    split_rows(rows, [&](int64_t begin, int64_t end) { screen_rows(r, s.view, begin, end, cols, n, store); });
+    split_rows(rows, [&](int64_t begin, int64_t end) { screen_rows_best(r, s.view, begin, end, cols, n, store); });
 }
 
 // The screen's verdicts: left[r] = 1 where row r's bound reaches floors[j] for some state j (it
@@ -611,15 +883,23 @@ void screen_rows_left(const int8_t* row_codes, const int32_t* row_sums, const fl
         int reaches = _mm_movemask_ps(_mm_cmpge_ps(bounds, _mm_loadu_ps(padded_floors.data() + j))) != 0;
         left[row] = j == 0 ? reaches : (left[row] | reaches);
     };
-    split_rows(rows, [&](int64_t begin, int64_t end) { screen_rows(r, s.view, begin, end, cols, n, mark); });
+    split_rows(rows, [&](int64_t begin, int64_t end) { screen_rows_best(r, s.view, begin, end, cols, n, mark); });
 }
 
 void set_threads(int threads) { thread_count = threads > 0 ? threads : 1; }
 
-// Which optional instruction sets the products may use (bit 0: AVX512-BF16, for the step's
-// products and the check alike), and which ones they do use on this CPU.
-void set_features(int allowed) { use_avx512_bf16 = allowed & 1; }
+// Which optional instruction sets the kernels may use (bit 0: AVX-512, i.e. AVX512-BF16 for the
+// step's products and the check, AVX512-VNNI for the screen; bit 1: AMX for the screen, with bit
+// 0), and which ones they do use on this CPU (bit 0: AVX512-BF16 products, bit 1: the AVX512-VNNI
+// screen, bit 2: the AMX screen where its shapes fit).
+void set_features(int allowed) {
+    use_avx512_bf16 = allowed & 1;
+    use_amx = allowed & 2;
+}
 
-int features() { return use_avx512_bf16 && has_avx512_bf16() ? 1 : 0; }
+int features() {
+    bool vnni = use_avx512_bf16 && has_avx512_vnni();
+    return (use_avx512_bf16 && has_avx512_bf16() ? 1 : 0) | (vnni ? 2 : 0) | (vnni && use_amx && has_amx_int8() ? 4 : 0);
+}
 
 }  // extern "C"
