@@ -172,15 +172,21 @@ void matvec_rows_avx512_bf16(const bf16* weight, int64_t begin, int64_t end, int
     }
 }
 
-// Run rows_of(begin, end) on each thread's share of `rows`, a multiple of 4 rows each (the
-// kernels' row blocks).
+// This thread's share [begin, end) of `count` rows: a multiple of 4 rows (the kernels' row blocks),
+// so a row is computed by the same kernel block however the rows are split.
+void share_of(int64_t count, int id, int threads, int64_t& begin, int64_t& end) {
+    int64_t per = ((count + threads - 1) / threads + 3) / 4 * 4;
+    begin = id * per < count ? id * per : count;
+    end = begin + per < count ? begin + per : count;
+}
+
+// Run rows_of(begin, end) on each thread's share of `rows` (share_of).
 template <class Rows>
 void split_rows(int64_t rows, Rows rows_of) {
 #pragma omp parallel num_threads(thread_count)
     {
-        int threads = omp_get_num_threads(), id = omp_get_thread_num();
-        int64_t per = ((rows + threads - 1) / threads + 3) / 4 * 4;
-        int64_t begin = id * per, end = begin + per < rows ? begin + per : rows;
+        int64_t begin, end;
+        share_of(rows, omp_get_thread_num(), omp_get_num_threads(), begin, end);
         if (begin < end) rows_of(begin, end);
     }
 }
@@ -237,13 +243,6 @@ inline __m256 dot1_rows8(const bf16* rows, int64_t cols, const float* x) {
                          _mm256_add_ps(_mm256_add_ps(lane[1], lane[5]), _mm256_add_ps(lane[3], lane[7])));
 }
 
-// This thread's share [begin, end) of `count` rows: split_rows' shares (multiples of 4 rows), so a
-// row is computed by the same kernel block as there and its value does not depend on the split.
-void share_of(int64_t count, int id, int threads, int64_t& begin, int64_t& end) {
-    int64_t per = ((count + threads - 1) / threads + 3) / 4 * 4;
-    begin = id * per < count ? id * per : count;
-    end = begin + per < count ? begin + per : count;
-}
 
 // A product's other operand, prepared once for every row: bf16 pairs where the CPU multiplies them
 // (paired_operand), else the fp32 values and their `interleave` layout.
@@ -331,37 +330,32 @@ void rotate(float* x, int64_t dim, const bf16* cos, const bf16* sin) {
         x[i] = round_bf16(round_bf16(x[i] * bf16_to_float(cos[i])) + round_bf16(rotated[i] * bf16_to_float(sin[i])));
 }
 
-// Softmax attention of the heads sharing one kv head over the visible cached slots and the token
+// Softmax attention of one query head over the visible cached slots of its kv head and the token
 // itself; probabilities rounded to bf16 as the reference's `.to(q.dtype)` does.
-void attend(const float* q, int64_t group, int64_t dim, const float* k, const float* v, const float* keys,
-            const float* values, int64_t first, int64_t position, float scaling, float* out) {
+void attend(const float* q, int64_t dim, const float* k, const float* v, const float* keys, const float* values,
+            int64_t first, int64_t position, float scaling, float* out) {
     int64_t count = position - first + 1;  // visible slots [first, position) and the token itself
     std::vector<float> scores(count);
-    for (int64_t g = 0; g < group; ++g) {
-        const float* qh = q + g * dim;
-        float best = -INFINITY;
-        for (int64_t s = 0; s < count; ++s) {
-            const float* key = s + first < position ? keys + (s + first) * dim : k;
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t c = 0; c < dim; c += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c), _mm256_loadu_ps(key + c), acc);
-            scores[s] = horizontal_sum(acc) * scaling;
-            best = scores[s] > best ? scores[s] : best;
-        }
-        float total = 0.f;
-        for (int64_t s = 0; s < count; ++s) total += (scores[s] = std::exp(scores[s] - best));
-        for (int64_t s = 0; s < count; ++s) scores[s] = round_bf16(scores[s] / total);
-        float* oh = out + g * dim;
-        for (int64_t c = 0; c < dim; c += 8) {  // eight output columns at a time over every slot
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t s = 0; s < count; ++s) {
-                const float* value = s + first < position ? values + (s + first) * dim : v;
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[s]), _mm256_loadu_ps(value + c), acc);
-            }
-            _mm256_storeu_ps(oh + c, acc);
-        }
-        for (int64_t c = 0; c < dim; ++c) oh[c] = round_bf16(oh[c]);
+    float best = -INFINITY;
+    for (int64_t s = 0; s < count; ++s) {
+        const float* key = s + first < position ? keys + (s + first) * dim : k;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t c = 0; c < dim; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(key + c), acc);
+        scores[s] = horizontal_sum(acc) * scaling;
+        best = scores[s] > best ? scores[s] : best;
     }
+    float total = 0.f;
+    for (int64_t s = 0; s < count; ++s) total += (scores[s] = std::exp(scores[s] - best));
+    for (int64_t s = 0; s < count; ++s) scores[s] = round_bf16(scores[s] / total);
+    for (int64_t c = 0; c < dim; c += 8) {  // eight output columns at a time over every slot
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t s = 0; s < count; ++s) {
+            const float* value = s + first < position ? values + (s + first) * dim : v;
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[s]), _mm256_loadu_ps(value + c), acc);
+        }
+        _mm256_storeu_ps(out + c, acc);
+    }
+    for (int64_t c = 0; c < dim; ++c) out[c] = round_bf16(out[c]);
 }
 
 // e^x for eight floats: Cephes' expf (2^n times a degree-7 polynomial on [-ln2/2, ln2/2]), within
@@ -773,7 +767,7 @@ int gemma_step(const Shape* shape, const void* const* weights, const uint8_t* lo
                 int64_t kv = query / group;
                 const float* key_slots = keys + ((layer * s.kv_heads + kv) * cache_positions) * s.head_dim;
                 const float* value_slots = values + ((layer * s.kv_heads + kv) * cache_positions) * s.head_dim;
-                attend(q + query * s.head_dim, 1, s.head_dim, k + kv * s.head_dim, v + kv * s.head_dim, key_slots,
+                attend(q + query * s.head_dim, s.head_dim, k + kv * s.head_dim, v + kv * s.head_dim, key_slots,
                        value_slots, first, position, s.scaling, attended.data() + query * s.head_dim);
             }
 #pragma omp barrier
