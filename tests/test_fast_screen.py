@@ -147,6 +147,19 @@ def test_the_screened_greedy_tokens_are_the_full_checks(native, penalty, candida
     assert 0 < screened.screen.last_rows_left < limit
 
 
+def test_one_checks_penalised_tokens_do_not_carry_into_the_next(native):
+    matrix = bf16(2000, 64, seed=4)
+    states = hidden_states(9, 64, seed=5)
+    full, screened = checks(native, matrix)
+    best = full.logits(states).argmax(1)
+    every_best = [best.clone() for _ in range(9)]  # each state's best row penalised in the first check
+    none = [best[:0] for _ in range(9)]
+    for penalised in (every_best, none, every_best[:4]):
+        tokens = screened.screen.greedy(states[: len(penalised)], penalised, 1.3, None)
+        assert tokens is not None and torch.equal(tokens, full.greedy(states[: len(penalised)], penalised, 1.3))
+    assert torch.equal(screened.screen.greedy(states, none, 1.3, None), best)
+
+
 def test_a_tie_goes_to_the_lowest_row_as_in_the_full_check(native):
     matrix = bf16(600, 64, seed=6)
     states = hidden_states(3, 64, seed=7)
