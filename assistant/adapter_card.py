@@ -82,7 +82,7 @@ def _data_description(settings) -> str:
 
 def build_metadata(config: AssistantConfig, settings, examples, val, result, held_out: dict, out: str) -> dict:
     seconds = max(result.seconds, 1e-9)
-    samples = result.batches * settings.batch_size
+    samples = result.batches * settings.batch_size * result.processes  # `batches` counts one process's
     with_images = sum(bool(e.images) for e in examples)
     return {
         "name": Path(out).name,
@@ -94,7 +94,8 @@ def build_metadata(config: AssistantConfig, settings, examples, val, result, hel
         "settings": dataclasses.asdict(settings),
         "config": config.to_dict(),
         "training": {
-            "steps": result.step, "micro_batches": result.batches, "samples": samples,
+            "steps": result.step, "micro_batches": result.batches, "processes": result.processes,
+            "samples": samples,
             "seconds": round(result.seconds, 1), "s_per_step": round(seconds / max(1, result.step), 2),
             "samples_per_s": round(samples / seconds, 3), "peak_rss_mb": result.peak_memory_mb,
             "loss_curve": loss_curve(result.losses, first_step=result.first_loss_step),
@@ -144,7 +145,8 @@ def render_card(meta: dict) -> str:
         lines += [f"**Pairing:** {meta['data']['pairing']}", ""]
     curve = train["loss_curve"]
     lines += ["## Training", "",
-              f"{train['steps']} optimizer steps, {train['samples']} samples in {train['seconds']} s "
+              f"{train['steps']} optimizer steps, {train['samples']} samples in {train['seconds']} s"
+              f"{_processes(train)} "
               f"({train['s_per_step']} s/step, {train['samples_per_s']} samples/s), peak RSS {train['peak_rss_mb']} MB; "
               f"{train['machine']}.",
               f"Training loss (domain-vocabulary estimate) over steps {curve.get('steps')}: first 10 "
@@ -216,3 +218,9 @@ def _generic_table(runs: dict) -> list[str]:
 
 def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _processes(train: dict) -> str:
+    """' on N data-parallel processes' for a run of several (metadata before the field: one)."""
+    count = train.get("processes", 1)
+    return f" on {count} data-parallel processes" if count > 1 else ""

@@ -74,15 +74,14 @@ def configs_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     from .evaluate import current_command
     from .train import run_training
+    from .train_loop import process_state
     from .vision import repo_root
 
     config, settings = configs_from_args(args)
     work = args.work_dir or str(repo_root() / ".cache" / "train" / Path(args.out).name)
     metadata = run_training(config, settings, args.out, work, resume=args.resume)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
-        return 0  # under `accelerate launch` the main process alone writes the adapter folder
+    if not process_state().is_main_process:
+        return 0  # under `accelerate launch` or torchrun the main process alone writes the adapter folder
     payload = {"settings": dataclasses.asdict(settings), "assistant": config.to_dict()}
     (Path(args.out) / TRAIN_CONFIG).write_text(json.dumps(payload, indent=2) + "\n")
     metadata["commands"]["train"] = current_command()

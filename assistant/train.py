@@ -219,13 +219,12 @@ def run_training(config: AssistantConfig, settings: LLMTrainSettings, out: str, 
                  resume: bool = False, vlm: ClinicalVLM | None = None, root=None) -> dict:
     """Train one stage, save the adapter folder (weights in the base model's dtype, configs,
     metadata.json, README.md) and return the metadata."""
-    from accelerate import PartialState
-
     from .adapter_card import build_metadata, write_card
     from .train_data import build_examples, validation_examples
-    from .train_loop import TrainConfig, train
+    from .train_loop import TrainConfig, process_state, train
     from .vision import resolve_weights
 
+    state = process_state()
     # The metadata records the dtype that actually trained, not "auto".
     settings = dataclasses.replace(settings, train_dtype=resolve_train_dtype(settings.train_dtype))
     examples = build_examples(settings.task, settings.stage, settings.image_fraction, settings.seed, root,
@@ -235,7 +234,7 @@ def run_training(config: AssistantConfig, settings: LLMTrainSettings, out: str, 
                               paired=settings.data)
     save_dtype = _llava(vlm.hf).dtype if vlm is not None else getattr(torch, config.llm.dtype)
     vlm = prepare_model(config, settings, vlm)
-    vlm.hf.to(PartialState().device)  # accelerate moves only what it prepares (the trainable part)
+    vlm.hf.to(state.device)  # accelerate moves only what it prepares (the trainable part)
     train_set, val_set = make_datasets(vlm, settings, examples, val)
     loss = loss_module(vlm, settings, train_set)
     before = held_out_loss(vlm, val_set)
@@ -253,7 +252,6 @@ def run_training(config: AssistantConfig, settings: LLMTrainSettings, out: str, 
     # The tower is frozen in both stages: when it came from a weights folder (the shipped
     # vision-nih14) the adapter points there instead of carrying a copy, so the finding head stays
     # paired with the very tower it was trained on.
-    state = PartialState()
     if state.is_main_process:  # one writer: under DDP every process holds the same trained weights
         vlm.save_adapter(out, metadata, vision=resolve_weights(config.vision) is None)
         write_card(out, metadata)

@@ -65,6 +65,7 @@ class TrainResult:
     seconds: float = 0.0  # training wall time, summed over the runs a resume joins
     peak_memory_mb: float = 0.0  # the largest of the runs: process RSS on CPU, allocated memory on GPU
     resumed_from: int | None = None
+    processes: int = 1  # data-parallel processes of the last run, each taking its own batches
 
     # accelerate checkpoints any object with state_dict/load_state_dict registered with it.
     def state_dict(self) -> dict[str, Any]:
@@ -82,6 +83,16 @@ def resolve_precision(requested: str) -> str:
     if requested != "auto":
         return requested
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def process_state():
+    """accelerate's state of this process, set up first thing in a training run. On a machine
+    without a GPU (or other accelerator) it is set up with `cpu=True`: only then does accelerate
+    read torchrun's WORLD_SIZE and join the processes over gloo, so `torchrun --nproc_per_node N -m
+    assistant train` is one data-parallel run there too, not N independent runs."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.accelerator.is_available())
 
 
 def peak_memory_mb() -> float:
@@ -115,6 +126,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torc
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
     set_seed(config.seed)
+    process_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.grad_accum,
         mixed_precision=resolve_precision(config.mixed_precision),
@@ -132,7 +144,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torc
     total = config.total_steps(len(loader))
     # Stepped by hand only after real optimizer steps, so accumulation and process count never skew it.
     scheduler = cosine_schedule(optimizer, config.warmup_steps, total)
-    result = TrainResult()
+    result = TrainResult(processes=accelerator.num_processes)
     accelerator.register_for_checkpointing(scheduler, result)
     _restore_or_clear(accelerator, out / CHECKPOINTS, resume, result)
     start, before = time.perf_counter(), result.seconds

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from assistant.train import (LLMTrainSettings, TrainableLoss, prepare_model, res
                              sampled_candidates, target_loss)
 from assistant.train_data import IGNORE
 
-from conftest import SHARED_DATA, tiny_config, tiny_language_model, tiny_tokenizer
+from conftest import ROOT, SHARED_DATA, tiny_config, tiny_language_model, tiny_tokenizer
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "iu-xray").is_dir(), reason="needs ../shared/data")
 
@@ -145,24 +149,49 @@ def test_cli_options_reach_the_settings_and_the_config(tmp_path):
     assert (config.llm.lora_r, config.llm.lora_alpha, config.adapter) == (4, 8, None)
 
 
-@needs_data
-def test_the_train_command_runs_end_to_end_on_a_local_model(tmp_path):
-    from assistant.cli import main
-
+def saved_tiny_run(tmp_path, limit: int = 4) -> Path:
+    """A train_config.json for the tiny model saved as a local model folder (what --config reads)."""
     llm = tmp_path / "tiny-llm"
     tiny_language_model().save_pretrained(llm)
     tiny_tokenizer().save_pretrained(llm)
     config = tiny_config(adapter=None).override({"llm.path": str(llm), "llm.dtype": "float32"})
     saved = tmp_path / "train_config.json"
-    saved.write_text(json.dumps({"settings": {"limit": 4, "val_examples": 1, "batch_size": 2, "grad_accum": 1,
+    saved.write_text(json.dumps({"settings": {"limit": limit, "val_examples": 1, "batch_size": 2, "grad_accum": 1,
                                               "train_dtype": "float32"}, "assistant": config.to_dict()}))
+    return saved
+
+
+@needs_data
+def test_the_train_command_runs_end_to_end_on_a_local_model(tmp_path):
+    from assistant.cli import main
+
     out = tmp_path / "adapter"
-    code = main(["train", "--stage", "align", "--task", "report", "--out", str(out), "--config", str(saved),
-                 "--max-steps", "1", "--work-dir", str(tmp_path / "work")])
+    code = main(["train", "--stage", "align", "--task", "report", "--out", str(out), "--config",
+                 str(saved_tiny_run(tmp_path)), "--max-steps", "1", "--work-dir", str(tmp_path / "work")])
     assert code == 0
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["commands"]["train"].startswith("python") and (out / "train_config.json").is_file()
     assert not (out / "adapter_config.json").exists()  # align: projector only
+    assert meta["training"]["processes"] == 1
+
+
+@needs_data
+def test_torchrun_on_cpus_is_one_data_parallel_run(tmp_path):
+    """Two processes under torchrun on a CPU-only machine join one DDP run over gloo: each takes
+    its own batches (the metadata counts both) and one of them writes the adapter."""
+    out = tmp_path / "adapter"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "assistant", "train", "--stage", "lora", "--task", "report", "--out", str(out),
+               "--config", str(saved_tiny_run(tmp_path, limit=8)), "--max-steps", "2",
+               "--work-dir", str(tmp_path / "work")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    training = json.loads((out / "metadata.json").read_text())["training"]
+    assert training["processes"] == 2
+    assert (training["steps"], training["micro_batches"], training["samples"]) == (2, 2, 8)
+    assert (out / "adapter_config.json").is_file()
+    assert done.stdout.count("held-out loss") == 1  # the main process alone reports and writes
 
 
 def test_lora_layers_limits_the_lora_to_the_top_layers():
