@@ -32,7 +32,8 @@ from assistant.config import data_dir  # noqa: E402
 from assistant.dialogue import as_text_turns  # noqa: E402
 from assistant.ehr_records import RecordError, record_from_upload  # noqa: E402
 from assistant.phi import PhiLogFilter  # noqa: E402
-from assistant.pipeline import READING_LEVELS, Assistant, red_flag_text  # noqa: E402
+from assistant.pipeline import Assistant, red_flag_text  # noqa: E402
+from assistant.readability import READING_LEVELS  # noqa: E402
 from assistant.safety import DRAFT_LABEL, escalation_message, find_red_flags, guard_answer  # noqa: E402
 from assistant.store import Store  # noqa: E402
 from assistant.workflow import Workflow  # noqa: E402

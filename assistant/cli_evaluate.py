@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_USAGE = 2
-LEVEL_NAMES = ("simple", "general", "detailed")  # pipeline.READING_LEVELS, in order
+LEVEL_NAMES = ("simple", "general", "detailed")  # readability.READING_LEVELS, in order
 
 
 def add_commands(commands) -> None:
@@ -45,7 +45,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)  # applies --max-new-tokens, --llm, --adapter, --set ...
     out = args.out or default_out(args.task)
-    from .pipeline import READING_LEVELS
+    from .readability import READING_LEVELS
 
     level = READING_LEVELS[LEVEL_NAMES.index(args.reading_level)] if args.reading_level else None
     evaluate(args.task, limit=args.limit, config=config, out=out, batch_size=args.batch_size, rag=args.rag,

@@ -148,7 +148,7 @@ def _run_summary(assistant, limit, progress: bool) -> dict:
 
 def _run_educate(assistant, limit, embedder, progress: bool, reading_level: str | None) -> dict:
     from .evaluate_educate import cache_folder, run_educate
-    from .pipeline import READING_LEVELS
+    from .readability import READING_LEVELS
 
     embed, identity = text_embed(assistant.config.embedder, embedder)
     # The passage index is cached only for a real embedder (a test's stand-in has no stable identity).

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import flesch_kincaid_grade, rouge_l
-from .pipeline import READING_LEVELS
+from .readability import READING_LEVELS
 from .retrieval_passages import PassageHit, PassageIndex, load_medquad, medquad_split, passages_from_records
 
 SEED, K = 13, 3

@@ -21,6 +21,7 @@ from .guard import GuardResult, check_draft, classifier_auroc, merge_probs
 from .model import IMAGE_MARKER, VISION_FILE, ClinicalVLM, resolve_adapter
 from .phi import mask_phi
 from .prompts import render, sanitise_field, sanitise_multiline
+from .readability import READING_LEVELS, reading_note
 from .report import parse_continuation
 from .retrieval import SimilarCase
 from .safety import escalation_message, find_red_flags, guard_answer, label_draft
@@ -30,7 +31,6 @@ from .vision_heatmap import heatmap
 
 MAX_IMAGES_PER_STUDY = 3  # frontal + lateral + one prior: keeps the prompt within a CPU budget
 MAX_RECORD_CHARS = 8000  # about 2k tokens: the prefill stays within seconds on a CPU
-READING_LEVELS = ("simple (about age 10)", "general (about age 14)", "detailed (adult)")
 TRIAGE_STOPS = ("\nPerson:", "\nNurse:")
 MAX_CONTEXT_CHARS = 1200  # similar prior reports in a draft prompt: about 300 tokens of CPU prefill
 MAX_CONTEXT_REPORT_CHARS = 600  # one long report must not crowd out the others
@@ -160,7 +160,8 @@ class Assistant:
 
     def educate(self, question: str, reading_level: str = READING_LEVELS[1],
                 passages: Sequence[tuple[str, str]] = ()) -> Iterator[str]:
-        """Plain-language answer grounded in retrieved (text, source URL) passages, cited at the end."""
+        """Plain-language answer grounded in retrieved (text, source URL) passages, cited at the end,
+        then a line on how it reads against the level asked for (`readability.reading_note`)."""
         question = clean_user_text(question)
         if not question:
             raise ValueError("type a question first")
@@ -173,7 +174,8 @@ class Assistant:
         text = ""
         for text in self._continue(prompt, ("\nA patient asked:",), "educate"):
             yield guard_answer(question, label_draft(text))
-        yield guard_answer(question, label_draft(f"{text}\n\n{citations}"))
+        note = reading_note(text, reading_level)  # after the Sources list: not part of the answer
+        yield guard_answer(question, label_draft(f"{text}\n\n{citations}" + (f"\n\n{note}" if note else "")))
 
     def _continue(self, prompt: str, stop: tuple[str, ...], task: str) -> Iterator[str]:
         """The text backend's continuation of a (PHI-masked) prompt with `task`'s adapter, cumulative

@@ -24,9 +24,9 @@ import re
 from pathlib import Path
 
 from .dialogue import clean_user_text
-from .metrics import flesch_kincaid_grade
 from .phi import mask_phi
-from .pipeline import MAX_RECORD_CHARS, READING_LEVELS
+from .pipeline import MAX_RECORD_CHARS
+from .readability import READING_LEVELS, reading_level_of
 from .prompts import render, sanitise_multiline
 from .retrieval_passages import chunk_text, load_medquad, medquad_split
 from .retrieval_sources import shared_data_dir
@@ -104,19 +104,6 @@ def related_passages(records, count: int = 2) -> list[list[str]]:
 
 def _norm(text: str) -> str:
     return " ".join(text.lower().split())
-
-
-# Flesch-Kincaid grade bands of the targets for the three reading levels (grade ~ age - 5: age 10
-# is grade 5, age 14 grade 9, an adult 13 and over; a band ends halfway to the next level). The
-# answers are NIH pages (median grade 11.8), so trained at one level the adapter wrote at grade 12;
-# labelled by the grade of their target, the examples teach what each level means.
-LEVEL_GRADE_LIMITS = (7.0, 11.0)
-
-
-def reading_level_of(text: str) -> str:
-    """The reading level (one of READING_LEVELS) whose grade band holds the text's FK grade."""
-    grade = flesch_kincaid_grade(text)
-    return READING_LEVELS[sum(grade is not None and grade >= limit for limit in LEVEL_GRADE_LIMITS)]
 
 
 def educate_prompt(question: str, passages: list[str], reading_level: str = READING_LEVELS[1]) -> str:

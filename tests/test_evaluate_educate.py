@@ -132,7 +132,7 @@ def test_educate_task_writes_its_result(tiny_vlm, tmp_path, capsys):
 
 
 def test_every_answer_is_asked_for_the_chosen_reading_level():
-    from assistant.pipeline import READING_LEVELS
+    from assistant.readability import READING_LEVELS
 
     class RecordingAssistant:
         levels: list[str] = []
@@ -156,6 +156,6 @@ def test_the_reading_level_option_is_for_the_education_task_only(capsys):
 
 def test_the_reading_level_option_names_the_pipelines_levels():
     from assistant.cli_evaluate import LEVEL_NAMES
-    from assistant.pipeline import READING_LEVELS
+    from assistant.readability import READING_LEVELS
 
     assert [level.split()[0] for level in READING_LEVELS] == list(LEVEL_NAMES)  # a literal kept beside its source

@@ -298,3 +298,31 @@ def test_each_mode_asks_for_its_own_task_adapter(tiny_vlm):
     list(assistant.educate("What is asthma?"))
     list(assistant.draft_report([], "cough", text_only=True))
     assert backend.tasks == ["triage", "summary", "educate", "report"]
+
+
+class FixedBackend(RecordingBackend):
+    def __init__(self, answer: str):
+        super().__init__()
+        self.answer = answer
+
+    def stream(self, prompt, stop=(), task="report"):
+        yield self.answer
+
+
+def test_education_ends_with_how_the_answer_reads_after_the_sources(tiny_vlm):
+    from assistant.evaluate_educate import answer_parts
+    from assistant.readability import READING_LEVELS
+
+    hard = ("Hyperuricemia predisposes individuals to monosodium urate crystallization within articular "
+            "cartilage, precipitating recurrent inflammatory arthropathy.")
+    passages = [("Gout is ...", "https://medlineplus.gov/gout.html")]
+    final = list(Assistant(tiny_vlm, backend=FixedBackend(hard)).educate("What is gout?", READING_LEVELS[0],
+                                                                          passages))[-1]
+    assert final.rstrip().endswith("put it in plainer words before giving it to a patient.")
+    assert "harder than the simple level asked for" in final
+    assert answer_parts(final) == (hard, True)  # the note is neither answer nor a source
+    plain = list(Assistant(tiny_vlm, backend=FixedBackend("Gout is a kind of pain. Ice can help.")).educate(
+        "What is gout?", READING_LEVELS[0], passages))[-1]
+    assert plain.rstrip().endswith("within the simple level asked for.")
+    silent = list(Assistant(tiny_vlm, backend=FixedBackend("")).educate("What is gout?", READING_LEVELS[0]))[-1]
+    assert "Reading level" not in silent  # no answer, no grade

@@ -14,7 +14,8 @@ from PIL import Image
 from assistant.evaluate_report import Study, load_studies
 from assistant.imaging_data import NihRecord, load_nih_records, patient_split
 from assistant.model import IMAGE_MARKER
-from assistant.pipeline import READING_LEVELS, report_prompt
+from assistant.pipeline import report_prompt
+from assistant.readability import READING_LEVELS
 from assistant.report import parse_continuation
 from assistant.train_data import (IGNORE, Example, TokenizedExamples, align_examples, build_examples, collate,
                                   image_findings, label_matched_pairs, report_examples, report_findings,
@@ -130,7 +131,8 @@ def test_summary_targets_state_only_lines_of_the_record_and_held_out_patients_st
 @needs_data
 def test_education_examples_come_from_training_questions():
     from assistant.retrieval_passages import load_medquad, medquad_split
-    from assistant.train_data_text import MAX_ANSWER_CHARS, educate_examples, reading_level_of
+    from assistant.readability import reading_level_of
+    from assistant.train_data_text import MAX_ANSWER_CHARS, educate_examples
 
     examples = educate_examples("train")
     test_qids = medquad_split(load_medquad(), seed=13).test_qids
@@ -188,20 +190,6 @@ def test_balanced_education_examples_hold_the_rarest_levels_count_of_each():
     levels = [next(level for level in READING_LEVELS if f"a {level} reading level" in e.prompt) for e in balanced]
     counts = [levels.count(level) for level in READING_LEVELS]
     assert counts[0] == counts[1] == counts[2] > 400  # 532 simple targets in the train split
-
-
-def test_reading_levels_follow_the_flesch_kincaid_grade_bands():
-    from assistant.metrics import flesch_kincaid_grade
-    from assistant.train_data_text import LEVEL_GRADE_LIMITS, reading_level_of
-
-    simple = "Gout is a kind of pain. It hurts your toe. Ice can help."
-    general = "Gout is a type of arthritis that causes sudden pain and swelling in the joints, often the big toe."
-    detailed = ("Hyperuricemia predisposes individuals to monosodium urate crystallization within articular "
-                "cartilage, precipitating recurrent inflammatory arthropathy.")
-    grades = [flesch_kincaid_grade(text) for text in (simple, general, detailed)]
-    assert grades[0] < LEVEL_GRADE_LIMITS[0] <= grades[1] < LEVEL_GRADE_LIMITS[1] <= grades[2]
-    assert [reading_level_of(text) for text in (simple, general, detailed)] == list(READING_LEVELS)
-    assert reading_level_of("") == READING_LEVELS[0]  # no words: no grade, the plainest level
 
 
 def test_education_targets_drop_page_furniture_and_resource_lists():

@@ -1,0 +1,40 @@
+"""Reading levels of patient-education answers: the levels a patient can ask for, the
+Flesch-Kincaid grade band of each, and the note that tells the clinician how an answer reads."""
+
+from __future__ import annotations
+
+from .metrics import flesch_kincaid_grade
+
+READING_LEVELS = ("simple (about age 10)", "general (about age 14)", "detailed (adult)")
+
+# Flesch-Kincaid grade bands of the three reading levels (grade ~ age - 5: age 10 is grade 5, age
+# 14 grade 9, an adult 13 and over; a band ends halfway to the next level). Training labels each
+# target with the level whose band holds its grade (train_data_text), and the app tells the
+# clinician when an answer reads above the level asked for.
+LEVEL_GRADE_LIMITS = (7.0, 11.0)
+
+
+def level_of_grade(grade: float) -> str:
+    """The reading level (one of READING_LEVELS) whose grade band holds `grade`."""
+    return READING_LEVELS[sum(grade >= limit for limit in LEVEL_GRADE_LIMITS)]
+
+
+def reading_level_of(text: str) -> str:
+    """The reading level whose grade band holds the text's FK grade (the simplest for no words)."""
+    grade = flesch_kincaid_grade(text)
+    return READING_LEVELS[0] if grade is None else level_of_grade(grade)
+
+
+def reading_note(answer: str, asked: str) -> str:
+    """One line on how `answer` reads against the level `asked` for ('' for an answer without
+    words). The 270M model often writes above the simple level (README, Training): a clinician
+    who hands the answer on should know when it needs plainer words first."""
+    grade = flesch_kincaid_grade(answer)
+    if grade is None:
+        return ""
+    name = asked.split(" (")[0]
+    if READING_LEVELS.index(level_of_grade(grade)) <= READING_LEVELS.index(asked):
+        return f"Reading level: Flesch-Kincaid grade {grade:.1f}, within the {name} level asked for."
+    limit = LEVEL_GRADE_LIMITS[READING_LEVELS.index(asked)]
+    return (f"Reading level: Flesch-Kincaid grade {grade:.1f}, harder than the {name} level asked for "
+            f"(below grade {limit:g}); put it in plainer words before giving it to a patient.")
