@@ -32,9 +32,9 @@ def reading_note(answer: str, asked: str) -> str:
     grade = flesch_kincaid_grade(answer)
     if grade is None:
         return ""
-    name = asked.split(" (")[0]
-    if READING_LEVELS.index(level_of_grade(grade)) <= READING_LEVELS.index(asked):
+    name, asked_index = asked.split(" (")[0], READING_LEVELS.index(asked)
+    if READING_LEVELS.index(level_of_grade(grade)) <= asked_index:
         return f"Reading level: Flesch-Kincaid grade {grade:.1f}, within the {name} level asked for."
-    limit = LEVEL_GRADE_LIMITS[READING_LEVELS.index(asked)]
+    limit = LEVEL_GRADE_LIMITS[asked_index]
     return (f"Reading level: Flesch-Kincaid grade {grade:.1f}, harder than the {name} level asked for "
             f"(below grade {limit:g}); put it in plainer words before giving it to a patient.")

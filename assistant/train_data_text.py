@@ -26,8 +26,8 @@ from pathlib import Path
 from .dialogue import clean_user_text
 from .phi import mask_phi
 from .pipeline import MAX_RECORD_CHARS
-from .readability import READING_LEVELS, reading_level_of
 from .prompts import render, sanitise_multiline
+from .readability import READING_LEVELS, reading_level_of
 from .retrieval_passages import chunk_text, load_medquad, medquad_split
 from .retrieval_sources import shared_data_dir
 from .train_data import Example
