@@ -32,9 +32,11 @@ class BackendError(RuntimeError):
 
 
 class TextBackend(Protocol):
-    def stream(self, prompt: str, stop: tuple[str, ...] = (), task: str = "report") -> Iterator[str]:
+    def stream(self, prompt: str, stop: tuple[str, ...] = (), task: str = "report",
+               generation: GenerationConfig | None = None) -> Iterator[str]:
         """Yield pieces of the prompt's continuation; a stop string may end the last piece. `task`
-        (report, triage, summary, educate) picks that task's LoRA adapter where the backend has one."""
+        (report, triage, summary, educate) picks that task's LoRA adapter where the backend has one;
+        `generation` replaces the configured settings for this call (e.g. a seeded sampled re-draft)."""
 
 
 class LocalBackend:
@@ -43,8 +45,9 @@ class LocalBackend:
     def __init__(self, vlm: "ClinicalVLM"):
         self.vlm = vlm
 
-    def stream(self, prompt: str, stop: tuple[str, ...] = (), task: str = "report") -> Iterator[str]:
-        yield from self.vlm.stream(self.vlm.build_inputs(prompt), stop=stop, task=task)
+    def stream(self, prompt: str, stop: tuple[str, ...] = (), task: str = "report",
+               generation: GenerationConfig | None = None) -> Iterator[str]:
+        yield from self.vlm.stream(self.vlm.build_inputs(prompt), gen=generation, stop=stop, task=task)
 
 
 class OpenAIBackend:
@@ -70,13 +73,14 @@ class OpenAIBackend:
             max_retries=self.config.max_retries,
         )
 
-    def stream(self, prompt: str, stop: tuple[str, ...] = (), task: str = "report") -> Iterator[str]:
+    def stream(self, prompt: str, stop: tuple[str, ...] = (), task: str = "report",
+               generation: GenerationConfig | None = None) -> Iterator[str]:
         # `task` picks the served model (`backend.task_models`, e.g. one vLLM LoRA per task); the
         # server never sees the task name itself.
         import openai
 
         try:
-            with self.client.completions.create(**self.request(prompt, stop, task)) as response:
+            with self.client.completions.create(**self.request(prompt, stop, task, generation)) as response:
                 for chunk in response:
                     for choice in chunk.choices:  # one per chunk; a usage-only chunk has none
                         if choice.text:
@@ -84,10 +88,11 @@ class OpenAIBackend:
         except (openai.OpenAIError, ValueError) as err:  # ValueError: malformed JSON in the stream
             raise BackendError(describe_failure(err, self.config)) from err
 
-    def request(self, prompt: str, stop: tuple[str, ...], task: str = "report") -> dict:
+    def request(self, prompt: str, stop: tuple[str, ...], task: str = "report",
+                generation: GenerationConfig | None = None) -> dict:
         """The completions request body (model looked up on the server when not configured)."""
-        gen = self.generation
-        return {
+        gen = generation or self.generation
+        body = {
             "model": self.model_name(task),
             "prompt": prompt,
             "max_tokens": gen.max_new_tokens,
@@ -96,6 +101,9 @@ class OpenAIBackend:
             "stop": list(stop) or None,
             "stream": True,
         }
+        if gen.seed is not None:
+            body["seed"] = gen.seed  # OpenAI's field; vLLM and llama.cpp's server honour it
+        return body
 
     def model_name(self, task: str = "report") -> str:
         """The task's served name (`task_models`), else `model`, else the server's only model."""

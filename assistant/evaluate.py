@@ -49,8 +49,9 @@ def evaluate(task: str, limit: int | None = None, config: AssistantConfig | None
 
     `assistant` (report, summary, educate) may be supplied, e.g. a tiny test model; otherwise it is
     built from `config`. `embedder` (report baseline, educate passages, retrieval) may be any object
-    with sentence-transformers' `encode`; otherwise `config.embedder` is loaded. Decoding is always
-    greedy so reruns reproduce the numbers. `batch_size` > 1 decodes that many items together;
+    with sentence-transformers' `encode`; otherwise `config.embedder` is loaded. Decoding is greedy
+    and patient education's plainer re-drafts are seeded samples, so reruns reproduce the numbers.
+    `batch_size` > 1 decodes that many items together;
     `rag` (report only) puts similar training-split reports into each prompt, as the app's switch does.
     `reading_level` (educate only; one of pipeline.READING_LEVELS, default the general one) is the
     level every answer is asked for.

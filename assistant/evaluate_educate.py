@@ -18,17 +18,19 @@ text between the draft label and the Sources list. Baseline row: the top retriev
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
-from urllib.parse import urlparse
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
 from .metrics import flesch_kincaid_grade, rouge_l
+from .pipeline import REDRAFTING
 from .readability import READING_LEVELS
 from .retrieval_passages import PassageHit, PassageIndex, load_medquad, medquad_split, passages_from_records
 
@@ -129,18 +131,21 @@ def retrieval_hits(questions: Sequence[dict], hits: Sequence[Sequence[PassageHit
 
 
 def generate_answers(assistant, questions: Sequence[dict], hits: Sequence[Sequence[PassageHit]],
-                     progress: bool = True, reading_level: str = READING_LEVELS[1]) -> tuple[list[str], list[float]]:
-    outputs, seconds = [], []
+                     progress: bool = True, reading_level: str = READING_LEVELS[1]
+                     ) -> tuple[list[str], list[float], list[bool]]:
+    """(final outputs, seconds each, whether each answer was re-drafted for a plainer reading level)."""
+    outputs, seconds, redrafted = [], [], []
     for index, (question, found) in enumerate(zip(questions, hits), 1):
-        start, final = time.perf_counter(), ""
+        start, final, redrafts = time.perf_counter(), "", False
         passages = [(h.passage.text, h.passage.url) for h in found]
         for final in assistant.educate(question["question"], reading_level, passages):
-            pass  # cumulative; the last item carries the Sources list
+            redrafts = redrafts or REDRAFTING in final  # cumulative; the last item carries the Sources list
         seconds.append(time.perf_counter() - start)
+        redrafted.append(redrafts)
         outputs.append(final)
         if progress:
             print(f"  [{index}/{len(questions)}] {seconds[-1]:.1f} s", file=sys.stderr, flush=True)
-    return outputs, seconds
+    return outputs, seconds, redrafted
 
 
 def run_educate(assistant, limit: int | None, embed: Embed, embedder: tuple[str, str], cache: Path | None = None,
@@ -155,7 +160,7 @@ def run_educate(assistant, limit: int | None, embed: Embed, embedder: tuple[str,
     vectors = np.asarray(embed([q["question"] for q in questions]), np.float32)
     hits = [index.search(v, k=K) for v in vectors]
     start = time.perf_counter()
-    outputs, seconds = generate_answers(assistant, questions, hits, progress, reading_level)
+    outputs, seconds, redrafted = generate_answers(assistant, questions, hits, progress, reading_level)
     timings["generation_s"] = round(time.perf_counter() - start, 2)
     timings["seconds_per_question"] = round(sum(seconds) / len(seconds), 2) if seconds else None
     parts = [answer_parts(o) for o in outputs]
@@ -173,6 +178,8 @@ def run_educate(assistant, limit: int | None, embed: Embed, embedder: tuple[str,
                     "n_evaluated": len(questions), "limit": limit},
         "systems": SYSTEM_NAMES, "protocol": __doc__.split("Measures: ", 1)[1].strip(), "k": K,
         "reading_level": reading_level,
+        # Answers above the level asked for are re-drafted (pipeline.Assistant._plainer_answer).
+        "plain_redrafts": {**dataclasses.asdict(assistant.config.education), "answers_redrafted": sum(redrafted)},
         "retrieval": retrieval_hits(questions, hits, index), "metrics": metrics,
         "model_by_site": by_site(questions, [a for a, _ in parts]),
         "reference_fk_grade_mean": sum(grades) / len(grades) if grades else None,

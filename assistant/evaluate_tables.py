@@ -137,7 +137,19 @@ def render_educate(result: dict) -> str:
     line = (f"Retrieval: hit@1 {_cell(hits['hit_at_1'])}, hit@{k} {_cell(hits[f'hit_at_{k}'])} "
             f"({hits['criterion']}; {_cell(hits['answerable'])} of questions have their source page in the index). "
             f"Reference answers: FK grade {_cell(result['reference_fk_grade_mean'])}.")
-    return "\n\n".join([head, table, line, *_by_site_line(result.get("model_by_site"))])
+    return "\n\n".join([head, table, line, *_redraft_line(result.get("plain_redrafts")),
+                          *_by_site_line(result.get("model_by_site"))])
+
+
+def _redraft_line(redrafts: dict | None) -> list[str]:
+    """How many answers were re-drafted for a plainer reading ([] for results written before)."""
+    if not redrafts:
+        return []
+    if not redrafts["plain_redrafts"]:
+        return ["Plainer re-drafts: off (greedy answers only)."]
+    return [f"Plainer re-drafts: {redrafts['answers_redrafted']} answers read above the level asked for and were "
+            f"re-drafted (up to {redrafts['plain_redrafts']} seeded samples at temperature "
+            f"{redrafts['redraft_temperature']:g}; the first within the level kept, else the plainest)."]
 
 
 def _by_site_line(sites: dict | None) -> list[str]:

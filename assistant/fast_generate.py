@@ -97,7 +97,14 @@ class FastGeneration:
         if eos_ids is None:
             eos_ids = eos_token_ids(self.vlm.hf.generation_config.eos_token_id)
         yield from self.decoder.decode(adapter, embeds, inputs["input_ids"][0], gen.max_new_tokens,
-                                       gen.repetition_penalty, gen.temperature, eos_ids)
+                                       gen.repetition_penalty, gen.temperature, eos_ids, sampling_generator(gen))
+
+
+def sampling_generator(gen: GenerationConfig) -> torch.Generator | None:
+    """A generator seeded with `gen.seed` for a sampled generation (None: greedy or unseeded)."""
+    if gen.temperature <= 0 or gen.seed is None:
+        return None
+    return torch.Generator().manual_seed(gen.seed)
 
 
 def eos_token_ids(eos: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:

@@ -174,6 +174,10 @@ class ClinicalVLM:
         def run() -> None:
             try:
                 with self.adapter_for(task), torch.inference_mode():
+                    if gen.temperature > 0 and gen.seed is not None:
+                        # generate() has no generator argument: seed the global one, under the
+                        # adapter lock that already serialises generations.
+                        torch.manual_seed(gen.seed)
                     self.hf.generate(**inputs, streamer=streamer, **self.generate_kwargs(gen), **extra)
             except BaseException as err:  # surfaced to the consumer below, never swallowed
                 failure.append(err)

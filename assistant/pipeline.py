@@ -6,14 +6,16 @@ text -> safety labelling. Every yielded text is labelled as a draft for clinicia
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from .backend import TextBackend, text_backend
-from .config import AssistantConfig
+from .backend import BackendError, TextBackend, text_backend
+from .config import AssistantConfig, GenerationConfig
 from .dialogue import clean_user_text, render_history, trim_at_stop, user_turns
 from .dicom import Scan, read_deidentified, read_scan
 from .grounding import annotate
@@ -21,7 +23,7 @@ from .guard import GuardResult, check_draft, classifier_auroc, merge_probs
 from .model import IMAGE_MARKER, VISION_FILE, ClinicalVLM, resolve_adapter
 from .phi import mask_phi
 from .prompts import render, sanitise_field, sanitise_multiline
-from .readability import READING_LEVELS, reading_note
+from .readability import READING_LEVELS, plainest, reading_note, reads_within
 from .report import parse_continuation
 from .retrieval import SimilarCase
 from .safety import escalation_message, find_red_flags, guard_answer, label_draft
@@ -32,6 +34,8 @@ from .vision_heatmap import heatmap
 MAX_IMAGES_PER_STUDY = 3  # frontal + lateral + one prior: keeps the prompt within a CPU budget
 MAX_RECORD_CHARS = 8000  # about 2k tokens: the prefill stays within seconds on a CPU
 TRIAGE_STOPS = ("\nPerson:", "\nNurse:")
+EDUCATE_STOP = ("\nA patient asked:",)
+REDRAFTING = "drafting plainer wording"  # the progress line of an education re-draft
 MAX_CONTEXT_CHARS = 1200  # similar prior reports in a draft prompt: about 300 tokens of CPU prefill
 MAX_CONTEXT_REPORT_CHARS = 600  # one long report must not crowd out the others
 
@@ -161,7 +165,8 @@ class Assistant:
     def educate(self, question: str, reading_level: str = READING_LEVELS[1],
                 passages: Sequence[tuple[str, str]] = ()) -> Iterator[str]:
         """Plain-language answer grounded in retrieved (text, source URL) passages, cited at the end,
-        then a line on how it reads against the level asked for (`readability.reading_note`)."""
+        then a line on how it reads against the level asked for (`readability.reading_note`). An
+        answer above that level is re-drafted first (`_plainer_answer`)."""
         question = clean_user_text(question)
         if not question:
             raise ValueError("type a question first")
@@ -172,16 +177,38 @@ class Assistant:
                         sources=sources or "(none found)")
         citations = _citations(passages)
         text = ""
-        for text in self._continue(prompt, ("\nA patient asked:",), "educate"):
+        for text in self._continue(prompt, EDUCATE_STOP, "educate"):
             yield guard_answer(question, label_draft(text))
+        text = yield from self._plainer_answer(question, prompt, text, reading_level)
         note = reading_note(text, reading_level)  # after the Sources list: not part of the answer
         yield guard_answer(question, label_draft(f"{text}\n\n{citations}" + (f"\n\n{note}" if note else "")))
 
-    def _continue(self, prompt: str, stop: tuple[str, ...], task: str) -> Iterator[str]:
+    def _plainer_answer(self, question: str, prompt: str, answer: str, level: str) -> Iterator[str]:
+        """Yields progress while it re-drafts an `answer` that reads above `level`; returns the
+        first re-draft that reads within it, else the plainest of all (`config.education`). A
+        failing server ends the re-drafts and keeps what was drafted: the answer is never lost."""
+        settings = self.config.education
+        drafts = [answer]
+        for attempt in range(1, settings.plain_redrafts + 1):
+            if reads_within(drafts[-1], level):
+                break
+            yield guard_answer(question, label_draft(
+                f"{answer}\n\n(This reads above the {level.split(' (')[0]} level asked for: {REDRAFTING}, "
+                f"{attempt} of {settings.plain_redrafts}.)"))
+            generation = replace(self.config.generation, temperature=settings.redraft_temperature,
+                                 seed=redraft_seed(question, attempt))
+            try:
+                drafts.append(last(self._continue(prompt, EDUCATE_STOP, "educate", generation)))
+            except BackendError:
+                break
+        return plainest(drafts)
+
+    def _continue(self, prompt: str, stop: tuple[str, ...], task: str,
+                  generation: GenerationConfig | None = None) -> Iterator[str]:
         """The text backend's continuation of a (PHI-masked) prompt with `task`'s adapter, cumulative
         and trimmed at the stop strings (a server may already have cut them; the local model leaves them in)."""
         text = ""
-        for piece in self.backend.stream(prompt, stop, task=task):
+        for piece in self.backend.stream(prompt, stop, task=task, generation=generation):
             text += piece
             yield trim_at_stop(text, stop)
 
@@ -196,6 +223,19 @@ def red_flag_text(mode: str, history: Sequence[dict], message: str) -> str:
     if mode == "educate":
         return clean_user_text(message)
     return ""
+
+
+def redraft_seed(question: str, attempt: int) -> int:
+    """The sampling seed of a question's re-draft `attempt`: the same answer every time it is asked."""
+    return zlib.crc32(f"{attempt}|{question}".encode())
+
+
+def last(items: Iterator[str]) -> str:
+    """The last item of a cumulative stream ('' when it yields nothing)."""
+    text = ""
+    for text in items:
+        pass
+    return text
 
 
 def _citations(passages: Sequence[tuple[str, str]]) -> str:

@@ -3,6 +3,8 @@ Flesch-Kincaid grade band of each, and the note that tells the clinician how an 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .metrics import flesch_kincaid_grade
 
 READING_LEVELS = ("simple (about age 10)", "general (about age 14)", "detailed (adult)")
@@ -25,6 +27,26 @@ def reading_level_of(text: str) -> str:
     return READING_LEVELS[0] if grade is None else level_of_grade(grade)
 
 
+def reads_within(text: str, asked: str) -> bool:
+    """Whether `text` reads at or below the level `asked` for (text without words does)."""
+    grade = flesch_kincaid_grade(text)
+    return grade is None or grade < _upper_limit(asked)
+
+
+def plainest(drafts: Sequence[str]) -> str:
+    """The draft with the lowest FK grade (the earliest of equals; drafts without words never win
+    over one with words)."""
+    graded = [(grade, index) for index, draft in enumerate(drafts)
+              if (grade := flesch_kincaid_grade(draft)) is not None]
+    return drafts[min(graded)[1]] if graded else drafts[0]
+
+
+def _upper_limit(asked: str) -> float:
+    """The grade at which text stops reading at the level `asked` (the detailed level has none)."""
+    index = READING_LEVELS.index(asked)
+    return LEVEL_GRADE_LIMITS[index] if index < len(LEVEL_GRADE_LIMITS) else float("inf")
+
+
 def reading_note(answer: str, asked: str) -> str:
     """One line on how `answer` reads against the level `asked` for ('' for an answer without
     words). The 270M model often writes above the simple level (README, Training): a clinician
@@ -32,9 +54,8 @@ def reading_note(answer: str, asked: str) -> str:
     grade = flesch_kincaid_grade(answer)
     if grade is None:
         return ""
-    name, asked_index = asked.split(" (")[0], READING_LEVELS.index(asked)
-    if READING_LEVELS.index(level_of_grade(grade)) <= asked_index:
+    name, limit = asked.split(" (")[0], _upper_limit(asked)
+    if grade < limit:
         return f"Reading level: Flesch-Kincaid grade {grade:.1f}, within the {name} level asked for."
-    limit = LEVEL_GRADE_LIMITS[asked_index]
     return (f"Reading level: Flesch-Kincaid grade {grade:.1f}, harder than the {name} level asked for "
             f"(below grade {limit:g}); put it in plainer words before giving it to a patient.")

@@ -30,8 +30,14 @@ TITLES = {"eval-report": "Report drafting with the shipped adapter report-lora (
           "eval-report-rag": "Report drafting with similar cases in the prompt (IU X-ray, first 100 test studies)",
           "rag-effect": "Effect of retrieval-augmented drafting", "eval-summary": "EHR summarisation (Synthea)",
           "eval-educate": "Patient education (MedQuAD), untrained base model",
-          "eval-educate-lora": "Patient education with the shipped adapter educate-lora (as served)",
-          "eval-educate-lora-simple": "Patient education with educate-lora, the simple reading level asked for",
+          "eval-educate-lora": "Patient education with the shipped adapter educate-lora, greedy answers only",
+          "eval-educate-lora-simple": "Patient education with educate-lora, the simple reading level asked for, "
+                                      "greedy answers only",
+          "eval-educate-lora-redraft": "Patient education with educate-lora as served (plainer re-drafts)",
+          "eval-educate-lora-simple-redraft": "Patient education with educate-lora as served (plainer re-drafts), "
+                                              "the simple reading level asked for",
+          "eval-educate-simple-redraft": "Patient education, untrained base model with plainer re-drafts, the "
+                                         "simple reading level asked for",
           "eval-triage": "Red-flag triage",
           "eval-retrieval": "Similar-case retrieval quality (IU X-ray)",
           "eval-vision": "Vision encoder (NIH ChestX-ray14, PneumoniaMNIST)",

@@ -122,6 +122,15 @@ def test_request_is_a_greedy_streamed_completion(fake_server):
                     "temperature": 0.0, "frequency_penalty": 0.0, "stop": ["\nPerson:"], "stream": True}
 
 
+def test_a_call_can_sample_with_a_seed_instead_of_the_configured_greedy(fake_server):
+    sampled = GenerationConfig(temperature=0.3, seed=1234)
+    list(remote(fake_server.base_url, model="m").stream("x", generation=sampled))
+    list(remote(fake_server.base_url, model="m").stream("x"))
+    (_, body), (_, default) = fake_server.requests
+    assert (body["temperature"], body["seed"]) == (0.3, 1234)
+    assert default["temperature"] == 0.0 and "seed" not in default
+
+
 def test_the_served_model_is_asked_for_when_not_configured(fake_server):
     list(remote(fake_server.base_url).stream("x"))
     assert fake_server.requests[0][1]["model"] == "fake-model"

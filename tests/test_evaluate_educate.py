@@ -131,20 +131,31 @@ def test_educate_task_writes_its_result(tiny_vlm, tmp_path, capsys):
     assert "Retrieval: hit@1" in printed and "baseline: top retrieved passage" in printed
 
 
-def test_every_answer_is_asked_for_the_chosen_reading_level():
+def test_every_answer_is_asked_for_the_chosen_reading_level_and_redrafts_are_counted():
+    from assistant.config import AssistantConfig
+    from assistant.pipeline import REDRAFTING
     from assistant.readability import READING_LEVELS
 
     class RecordingAssistant:
         levels: list[str] = []
+        config = AssistantConfig()
 
         def educate(self, question, reading_level, passages):
             self.levels.append(reading_level)
+            if len(self.levels) == 1:  # the first answer read too hard and was re-drafted
+                yield f"Asthma is a chronic inflammatory airway disease.\n\n(... {REDRAFTING}, 1 of 4.)"
             yield "Asthma narrows the airways.\n\nSources:\n[1] https://example.org/a"
 
     assistant = RecordingAssistant()
     result = run_educate(assistant, 2, embed, ("word-hash", "1"), records=records(), progress=False,
                          reading_level=READING_LEVELS[0])
     assert assistant.levels == [READING_LEVELS[0]] * 2 and result["reading_level"] == READING_LEVELS[0]
+    assert result["plain_redrafts"] == {"plain_redrafts": 4, "redraft_temperature": 0.3, "answers_redrafted": 1}
+    from assistant.evaluate_tables import render_educate
+
+    result.update(generation={"max_new_tokens": 4}, model={}, elapsed_s=1.0, command="evaluate",
+                  environment={"cpu_count": 2, "loadavg_1m_5m_15m": [0.0, 0.0, 0.0]})
+    assert "Plainer re-drafts: 1 answers read above" in render_educate(result)
 
 
 def test_the_reading_level_option_is_for_the_education_task_only(capsys):

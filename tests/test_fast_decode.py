@@ -271,6 +271,20 @@ def test_vlm_stream_uses_the_fast_path_once_ready_and_matches_generate():
     assert calls == ["default"]
 
 
+def test_a_seeded_sample_on_the_fast_path_is_reproducible(tiny_vlm):
+    from assistant.config import GenerationConfig
+
+    generation = tiny_vlm.start_fast_decoding(wait=True, compile=False)
+    assert generation.ready.is_set(), generation.failure
+    inputs = tiny_vlm.build_inputs("findings : the lungs are")
+    def sample(seed):
+        gen = GenerationConfig(max_new_tokens=24, temperature=1.5, seed=seed)
+        assert tiny_vlm.fast.usable(inputs, gen)
+        return "".join(tiny_vlm.stream(inputs, gen))
+    assert sample(3) == sample(3)
+    assert len({sample(seed) for seed in range(4)}) > 1
+
+
 def test_a_failed_warm_up_leaves_generate_in_charge(tiny_vlm):
     tiny_vlm.fast = FastGeneration(tiny_vlm, compile=False)
     tiny_vlm.fast._warm = lambda: setattr(tiny_vlm.fast, "failure", "boom")

@@ -285,7 +285,7 @@ class RecordingBackend:
     def __init__(self):
         self.tasks = []
 
-    def stream(self, prompt, stop=(), task="report"):
+    def stream(self, prompt, stop=(), task="report", generation=None):
         self.tasks.append(task)
         yield "Lungs clear."
 
@@ -305,7 +305,7 @@ class FixedBackend(RecordingBackend):
         super().__init__()
         self.answer = answer
 
-    def stream(self, prompt, stop=(), task="report"):
+    def stream(self, prompt, stop=(), task="report", generation=None):
         yield self.answer
 
 
@@ -326,3 +326,81 @@ def test_education_ends_with_how_the_answer_reads_after_the_sources(tiny_vlm):
     assert plain.rstrip().endswith("within the simple level asked for.")
     silent = list(Assistant(tiny_vlm, backend=FixedBackend("")).educate("What is gout?", READING_LEVELS[0]))[-1]
     assert "Reading level" not in silent  # no answer, no grade
+
+
+class DraftsBackend(RecordingBackend):
+    """Answers the greedy call with `greedy` and the n-th sampled call with `samples[n]`; records
+    the generation settings of every call. `fail_after` sampled calls it raises BackendError."""
+
+    def __init__(self, greedy: str, samples: list[str], fail_after: int | None = None):
+        super().__init__()
+        self.greedy, self.samples, self.fail_after, self.generations = greedy, samples, fail_after, []
+
+    def stream(self, prompt, stop=(), task="report", generation=None):
+        from assistant.backend import BackendError
+
+        self.generations.append(generation)
+        if generation is None:
+            yield self.greedy
+            return
+        if self.fail_after is not None and len(self.generations) - 1 > self.fail_after:
+            raise BackendError("the model server at http://127.0.0.1:9/v1 is not reachable")
+        yield self.samples[len(self.generations) - 2]
+
+
+HARD = ("Hyperuricemia predisposes individuals to monosodium urate crystallization within articular "
+        "cartilage, precipitating recurrent inflammatory arthropathy.")
+MIDDLE = "Gout is a type of arthritis that causes sudden pain and swelling in the joints, often the big toe."
+PLAIN = "Gout is a kind of pain. It hurts your toe. Ice can help."
+
+
+def test_an_answer_above_the_level_asked_for_is_redrafted_until_one_reads_within_it(tiny_vlm):
+    from assistant.evaluate_educate import answer_parts
+    from assistant.pipeline import redraft_seed
+    from assistant.readability import READING_LEVELS
+
+    backend = DraftsBackend(HARD, [MIDDLE, PLAIN, HARD, HARD])
+    passages = [("Gout is ...", "https://medlineplus.gov/gout.html")]
+    outputs = list(Assistant(tiny_vlm, backend=backend).educate("What is gout?", READING_LEVELS[0], passages))
+    assert answer_parts(outputs[-1])[0] == PLAIN
+    assert outputs[-1].rstrip().endswith("within the simple level asked for.")
+    progress = [o for o in outputs if "drafting plainer wording" in o]
+    assert len(progress) == 2 and "2 of 4" in progress[-1] and HARD in progress[-1]  # the first answer stays shown
+    sampled = backend.generations[1:]
+    assert len(sampled) == 2  # stops at the first draft within the level
+    assert {g.temperature for g in sampled} == {tiny_vlm.config.education.redraft_temperature}
+    assert [g.seed for g in sampled] == [redraft_seed("What is gout?", 1), redraft_seed("What is gout?", 2)]
+    assert redraft_seed("What is gout?", 1) == redraft_seed("What is gout?", 1) != redraft_seed("What is gout?", 2)
+
+
+def test_the_plainest_draft_is_kept_when_none_reads_within_the_level(tiny_vlm):
+    from assistant.evaluate_educate import answer_parts
+    from assistant.readability import READING_LEVELS
+
+    backend = DraftsBackend(HARD, [HARD, MIDDLE, HARD, HARD])
+    final = list(Assistant(tiny_vlm, backend=backend).educate("What is gout?", READING_LEVELS[0]))[-1]
+    assert answer_parts(final)[0] == MIDDLE and "harder than the simple level asked for" in final
+    assert len(backend.generations) == 5
+
+
+def test_an_answer_within_the_level_or_redrafts_off_is_not_redrafted(tiny_vlm):
+    from assistant.readability import READING_LEVELS
+
+    plain = DraftsBackend(PLAIN, [])
+    list(Assistant(tiny_vlm, backend=plain).educate("What is gout?", READING_LEVELS[0]))
+    hard_but_general = DraftsBackend(MIDDLE, [])
+    list(Assistant(tiny_vlm, backend=hard_but_general).educate("What is gout?", READING_LEVELS[1]))
+    tiny_vlm.config = tiny_vlm.config.override({"education.plain_redrafts": 0})
+    off = DraftsBackend(HARD, [])
+    list(Assistant(tiny_vlm, backend=off).educate("What is gout?", READING_LEVELS[0]))
+    assert [len(b.generations) for b in (plain, hard_but_general, off)] == [1, 1, 1]
+
+
+def test_a_server_failing_during_a_redraft_keeps_the_answer_drafted(tiny_vlm):
+    from assistant.evaluate_educate import answer_parts
+    from assistant.readability import READING_LEVELS
+
+    backend = DraftsBackend(HARD, [MIDDLE], fail_after=1)
+    final = list(Assistant(tiny_vlm, backend=backend).educate("What is gout?", READING_LEVELS[0]))[-1]
+    assert answer_parts(final)[0] == MIDDLE  # the plainest of what was drafted before the failure
+    assert len(backend.generations) == 3

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from assistant.metrics import flesch_kincaid_grade
-from assistant.readability import LEVEL_GRADE_LIMITS, READING_LEVELS, reading_level_of, reading_note
+from assistant.readability import (LEVEL_GRADE_LIMITS, READING_LEVELS, plainest, reading_level_of, reading_note,
+                                   reads_within)
 
 SIMPLE = "Gout is a kind of pain. It hurts your toe. Ice can help."
 GENERAL = "Gout is a type of arthritis that causes sudden pain and swelling in the joints, often the big toe."
@@ -33,3 +34,19 @@ def test_the_note_says_when_an_answer_reads_above_the_level_asked_for():
 def test_no_words_no_note():
     assert reading_note("", READING_LEVELS[0]) == ""
     assert reading_note("  ... ", READING_LEVELS[0]) == ""
+
+
+
+def test_reads_within_the_band_of_the_level_asked_for():
+    assert reads_within(SIMPLE, READING_LEVELS[0]) and not reads_within(GENERAL, READING_LEVELS[0])
+    assert reads_within(GENERAL, READING_LEVELS[1]) and not reads_within(DETAILED, READING_LEVELS[1])
+    assert reads_within(DETAILED, READING_LEVELS[2])  # the detailed level has no upper grade
+    assert reads_within("", READING_LEVELS[0])  # nothing to make plainer
+
+
+def test_the_plainest_draft_is_the_lowest_grade_and_the_earliest_of_equals():
+    assert plainest([DETAILED, GENERAL, SIMPLE, GENERAL]) is SIMPLE
+    twin = "".join(SIMPLE)  # equal text, another object
+    assert plainest([GENERAL, SIMPLE, twin]) is SIMPLE
+    assert plainest(["", DETAILED]) == DETAILED  # a draft without words never wins over words
+    assert plainest(["", ""]) == ""
