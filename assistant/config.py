@@ -111,7 +111,7 @@ class EducationConfig:
     The 270M model's greedy answer often reads above the simple level (README, Training); up to
     `plain_redrafts` more drafts are sampled at `redraft_temperature` (seeded from the question, so
     an answer is reproducible), the first that reads within the level is kept, else the plainest.
-    Measured on 50 held-out questions at the simple level: grade 9.3 -> 7.8 (README, Results).
+    On 60 held-out MedQuAD questions at the simple level: grade 9.5 -> 7.2 (README, Training).
     0 keeps the greedy answer only."""
 
     plain_redrafts: int = 4

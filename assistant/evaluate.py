@@ -53,7 +53,7 @@ def evaluate(task: str, limit: int | None = None, config: AssistantConfig | None
     and patient education's plainer re-drafts are seeded samples, so reruns reproduce the numbers.
     `batch_size` > 1 decodes that many items together;
     `rag` (report only) puts similar training-split reports into each prompt, as the app's switch does.
-    `reading_level` (educate only; one of pipeline.READING_LEVELS, default the general one) is the
+    `reading_level` (educate only; one of readability.READING_LEVELS, default the general one) is the
     level every answer is asked for.
     """
     _check_task(task)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .labeler import label_report
 from .metrics import clinical_f1, coco_scores, rexrank_bleu2
-from .pipeline import report_prompt
+from .pipeline import final_text, report_prompt
 from .report import DraftReport, parse_continuation
 from .safety import DRAFT_LABEL, label_draft
 
@@ -166,10 +166,7 @@ def generate_drafts(assistant, studies: Sequence[Study], progress: bool = True, 
 
 
 def _draft_one(assistant, study: Study, similar: Sequence) -> str:
-    final = ""
-    for final in assistant.draft_report([], study.indication, text_only=True, similar=similar):
-        pass  # each item is the whole draft so far; the last one is complete
-    return final
+    return final_text(assistant.draft_report([], study.indication, text_only=True, similar=similar))
 
 
 def _draft_batch(assistant, batch: Sequence[tuple[Study, Sequence]]) -> list[str]:

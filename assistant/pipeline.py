@@ -7,7 +7,7 @@ text -> safety labelling. Every yielded text is labelled as a draft for clinicia
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -183,7 +183,7 @@ class Assistant:
         note = reading_note(text, reading_level)  # after the Sources list: not part of the answer
         yield guard_answer(question, label_draft(f"{text}\n\n{citations}" + (f"\n\n{note}" if note else "")))
 
-    def _plainer_answer(self, question: str, prompt: str, answer: str, level: str) -> Iterator[str]:
+    def _plainer_answer(self, question: str, prompt: str, answer: str, level: str) -> Generator[str, None, str]:
         """Yields progress while it re-drafts an `answer` that reads above `level`; returns the
         first re-draft that reads within it, else the plainest of all (`config.education`). A
         failing server ends the re-drafts and keeps what was drafted: the answer is never lost."""
@@ -198,7 +198,7 @@ class Assistant:
             generation = replace(self.config.generation, temperature=settings.redraft_temperature,
                                  seed=redraft_seed(question, attempt))
             try:
-                drafts.append(last(self._continue(prompt, EDUCATE_STOP, "educate", generation)))
+                drafts.append(final_text(self._continue(prompt, EDUCATE_STOP, "educate", generation)))
             except BackendError:
                 break
         return plainest(drafts)
@@ -230,8 +230,8 @@ def redraft_seed(question: str, attempt: int) -> int:
     return zlib.crc32(f"{attempt}|{question}".encode())
 
 
-def last(items: Iterator[str]) -> str:
-    """The last item of a cumulative stream ('' when it yields nothing)."""
+def final_text(items: Iterator[str]) -> str:
+    """The last item of a cumulative stream, the whole text ('' when it yields nothing)."""
     text = ""
     for text in items:
         pass
