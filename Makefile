@@ -63,6 +63,7 @@ bench: prepare
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/generation.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/train_parallel.py
 	$(PY) -m assistant evaluate --task triage
 	$(PY) -m assistant evaluate --task report $(if $(EVAL_LIMIT),--limit $(EVAL_LIMIT))
 	$(PY) benchmarks/report.py

@@ -95,6 +95,7 @@ def build_metadata(config: AssistantConfig, settings, examples, val, result, hel
         "config": config.to_dict(),
         "training": {
             "steps": result.step, "micro_batches": result.batches, "processes": result.processes,
+            "sharded": settings.shards(result.processes),
             "samples": samples,
             "seconds": round(result.seconds, 1), "s_per_step": round(seconds / max(1, result.step), 2),
             "samples_per_s": round(samples / seconds, 3), "peak_rss_mb": result.peak_memory_mb,
@@ -223,4 +224,6 @@ def _fmt(value) -> str:
 def _processes(train: dict) -> str:
     """' on N data-parallel processes' for a run of several (metadata before the field: one)."""
     count = train.get("processes", 1)
+    if count > 1 and train.get("sharded"):
+        return f" on {count} data-parallel processes, the model sharded across them (FSDP2)"
     return f" on {count} data-parallel processes" if count > 1 else ""

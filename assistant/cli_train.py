@@ -22,6 +22,7 @@ TRAIN_CONFIG = "train_config.json"
 def add_commands(commands) -> None:
     from .train import STAGES
     from .train_data import TASKS
+    from .train_shard import SHARD_MODES
 
     train = commands.add_parser("train", help="train the projector (align) or a LoRA adapter (lora) for a task")
     train.add_argument("--stage", required=True, choices=STAGES, help="align: projector only; lora: LoRA + projector")
@@ -30,6 +31,8 @@ def add_commands(commands) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     train.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides epochs)")
     train.add_argument("--epochs", type=int, default=None, help="passes over the training data (default 1)")
+    train.add_argument("--shard", choices=SHARD_MODES, default=None,
+                       help="fsdp: shard the whole model across the processes of a multi-GPU launch (default none)")
     train.add_argument("--config", default=None, help="training config JSON (a saved train_config.json)")
     train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="override train.FIELD (settings) or an AssistantConfig field, e.g. llm.lora_r=8")
@@ -62,7 +65,8 @@ def configs_from_args(args: argparse.Namespace):
             settings[name.removeprefix("train.")] = value
         else:
             overrides[name] = value
-    chosen = {"stage": args.stage, "task": args.task, "max_steps": args.max_steps, "epochs": args.epochs}
+    chosen = {"stage": args.stage, "task": args.task, "max_steps": args.max_steps, "epochs": args.epochs,
+              "shard": getattr(args, "shard", None)}
     settings.update({k: v for k, v in chosen.items() if v is not None})
     if args.llm is not None:
         overrides["llm.path"] = args.llm

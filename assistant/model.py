@@ -245,23 +245,34 @@ class ClinicalVLM:
         )
         self.hf = get_peft_model(self.hf, lora)
 
-    def save_adapter(self, folder: str | Path, metadata: dict | None = None, vision: bool = True) -> Path:
+    def save_adapter(self, folder: str | Path, metadata: dict | None = None, vision: bool = True,
+                     weights: dict[str, torch.Tensor] | None = None) -> Path:
         """peft adapter + projector and vision weights (safetensors) + the config that built them.
-        `vision=False` leaves the tower out when it is the unchanged one from `vision.weights`."""
+        `vision=False` leaves the tower out when it is the unchanged one from `vision.weights`.
+        `weights` ({name in `self.hf.named_parameters()`: tensor}) supplies the trained LoRA and
+        projector tensors when the model's own are shards of them (`train_shard`)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if hasattr(self.hf, "peft_config"):
-            self.hf.save_pretrained(str(folder))
+            self.hf.save_pretrained(str(folder), state_dict=weights)  # peft keeps the LoRA tensors of it
         base = self._base_model()
-        save_file(_cpu_state(base.model.multi_modal_projector), str(folder / PROJECTOR_FILE))
+        projector = base.model.multi_modal_projector
+        projector_state = _cpu_state(projector) if weights is None else self._part_of(weights, projector)
+        save_file(projector_state, str(folder / PROJECTOR_FILE))
         if vision:
             save_file(_cpu_state(base.model.vision_tower), str(folder / VISION_FILE))
         self.config.to_json(folder / ADAPTER_CONFIG)
         if metadata is not None:
             (folder / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         return folder
+
+    def _part_of(self, weights: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The entries of `weights` (named from `self.hf`) that belong to `module`, named from it."""
+        prefix = next(name for name, m in self.hf.named_modules() if m is module) + "."
+        return {name.removeprefix(prefix): value.contiguous() for name, value in weights.items()
+                if name.startswith(prefix)}
 
     def load_adapter(self, folder: str | Path) -> None:
         """Load projector/vision weights and, if present, the peft LoRA adapter from an adapter folder."""

@@ -17,7 +17,9 @@ loss reported before and after training is always the exact full-vocabulary loss
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +31,7 @@ from .model import ClinicalVLM
 from .train_data import IGNORE, TokenizedExamples, collate, target_vocabulary
 
 STAGES = ("align", "lora")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,15 @@ class LLMTrainSettings:
     val_examples: int = 32  # held-out examples for the exact loss before/after training
     limit: int | None = None  # train on the first N examples only (smoke tests)
     balance_levels: bool = False  # educate: equal shares of the reading levels (train_data_text._balanced)
+    # fsdp: shard the whole model, frozen base included, across the processes (train_shard.py), for
+    # a base that does not fit once per GPU; none: data parallel, a whole base per process.
+    shard: Literal["none", "fsdp"] = "none"
     seed: int = 0
     checkpoint_every: int = 20  # optimizer steps
+
+    def shards(self, processes: int) -> bool:
+        """Whether this run shards the model: FSDP asked for, and more than one process to shard over."""
+        return self.shard == "fsdp" and processes > 1
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.stage == "align" else 2e-4)
@@ -161,6 +171,13 @@ def target_loss(model: nn.Module, batch: dict[str, torch.Tensor], vocab: torch.T
     return nn.functional.cross_entropy(logits, index[targets])
 
 
+def summed_target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed exact full-vocabulary cross-entropy, number of target tokens) of one batch."""
+    hidden, targets = target_hidden(model, batch)
+    logits = (hidden @ _llava(model).lm_head.weight.T).float()
+    return nn.functional.cross_entropy(logits, targets, reduction="sum"), len(targets)
+
+
 def sampled_candidates(vocab: torch.Tensor, size: int, negatives: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, logit bias, id -> column) for the domain ids plus `negatives` uniform draws (with
     replacement) from the rest; each draw stands for (size - |domain|) / negatives tokens."""
@@ -178,20 +195,21 @@ def sampled_candidates(vocab: torch.Tensor, size: int, negatives: int) -> tuple[
 
 
 @torch.no_grad()
-def held_out_loss(vlm: ClinicalVLM, dataset: TokenizedExamples, batch_size: int = 1) -> float | None:
+def held_out_loss(vlm: ClinicalVLM, dataset: TokenizedExamples, batch_size: int = 1,
+                  summed: Callable[[dict], tuple[torch.Tensor, int]] | None = None) -> float | None:
     """Exact full-vocabulary loss per target token over a held-out dataset (eval mode). One example
-    at a time: 262k-wide float32 logits of a batch of 4 reports took ~3 GB, more than training."""
+    at a time: 262k-wide float32 logits of a batch of 4 reports took ~3 GB, more than training.
+    `summed(batch)` replaces `summed_target_loss` on the model (a sharded model computes it through
+    its FSDP root, every process over the same examples)."""
     if len(dataset) == 0:
         return None
     vlm.hf.eval()
+    summed = summed or (lambda batch: summed_target_loss(vlm.hf, batch))
     total, count = 0.0, 0
-    weight = _llava(vlm.hf).lm_head.weight
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        hidden, targets = target_hidden(vlm.hf, collate(items, vlm.tokenizer.pad_token_id))
-        logits = (hidden @ weight.T).float()
-        total += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        count += len(targets)
+        loss, targets = summed(collate(items, vlm.tokenizer.pad_token_id))
+        total, count = total + float(loss), count + targets
     return total / count
 
 
@@ -202,9 +220,30 @@ def make_datasets(vlm: ClinicalVLM, settings: LLMTrainSettings, train_examples, 
     return wrap(train_examples), wrap(val_examples)
 
 
-def loss_module(vlm: ClinicalVLM, settings: LLMTrainSettings, train: TokenizedExamples) -> TrainableLoss:
+def loss_module(vlm: ClinicalVLM, settings: LLMTrainSettings, train: TokenizedExamples, state=None) -> nn.Module:
+    """What the training loop trains: `TrainableLoss` (data parallel; the model is moved to the
+    process's device), or under `--shard fsdp` with several processes the FSDP root
+    `train_shard.ShardedLoss` over the whole model, sharded across them."""
     vocab = target_vocabulary(train) if settings.loss_vocab == "domain" else None
+    if state is not None and settings.shards(state.num_processes):
+        from .train_shard import ShardedLoss, shard
+
+        _ = vlm.num_image_tokens  # measured once by running the tower and projector: before they are sharded
+        return shard(ShardedLoss(vlm.hf, vocab, settings.sampled_negatives), state.device, state.num_processes)
+    if state is not None:
+        vlm.hf.to(state.device)  # accelerate moves only what it prepares (the trainable part)
     return TrainableLoss(vlm.hf, vocab, settings.sampled_negatives)
+
+
+def refuse_accelerate_sharding() -> None:
+    """`accelerate launch` with an FSDP or DeepSpeed config would wrap only what the trainer prepares,
+    the trainable adapter, and leave the frozen base whole on every GPU: say so instead of running."""
+    from accelerate.utils import parse_flag_from_env
+
+    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if parse_flag_from_env(flag):
+            raise ValueError(f"accelerate's {name} config would shard only the trainable adapter, not the frozen "
+                             "base: launch with configs/accelerate/multi-gpu.yaml and pass --shard fsdp")
 
 
 def settings_from_dict(data: dict) -> LLMTrainSettings:
@@ -212,6 +251,10 @@ def settings_from_dict(data: dict) -> LLMTrainSettings:
     unknown = set(data) - known
     if unknown:
         raise KeyError(f"unknown training settings: {sorted(unknown)}")
+    from .train_shard import SHARD_MODES
+
+    if data.get("shard", "none") not in SHARD_MODES:
+        raise ValueError(f"unknown train.shard {data['shard']!r}: choose one of {', '.join(SHARD_MODES)}")
     return LLMTrainSettings(**data)
 
 
@@ -222,9 +265,13 @@ def run_training(config: AssistantConfig, settings: LLMTrainSettings, out: str, 
     from .adapter_card import build_metadata, write_card
     from .train_data import build_examples, validation_examples
     from .train_loop import TrainConfig, process_state, train
+    from .train_shard import parameter_mb
     from .vision import resolve_weights
 
     state = process_state()
+    refuse_accelerate_sharding()
+    if settings.shard == "fsdp" and not settings.shards(state.num_processes):
+        logger.warning("--shard fsdp with one process: nothing to shard over, training unsharded")
     # The metadata records the dtype that actually trained, not "auto".
     settings = dataclasses.replace(settings, train_dtype=resolve_train_dtype(settings.train_dtype))
     examples = build_examples(settings.task, settings.stage, settings.image_fraction, settings.seed, root,
@@ -233,11 +280,16 @@ def run_training(config: AssistantConfig, settings: LLMTrainSettings, out: str, 
     val = validation_examples(settings.task, settings.stage, settings.val_examples, settings.seed, root,
                               paired=settings.data)
     save_dtype = _llava(vlm.hf).dtype if vlm is not None else getattr(torch, config.llm.dtype)
+    # Fresh weights (the LoRA, a projector not loaded from an align stage) start from the seed: the
+    # run is repeatable, and every process starts from the same weights (DDP would broadcast the
+    # main process's, FSDP2 shards whatever each process holds).
+    torch.manual_seed(settings.seed)
     vlm = prepare_model(config, settings, vlm)
-    vlm.hf.to(state.device)  # accelerate moves only what it prepares (the trainable part)
     train_set, val_set = make_datasets(vlm, settings, examples, val)
-    loss = loss_module(vlm, settings, train_set)
-    before = held_out_loss(vlm, val_set)
+    loss = loss_module(vlm, settings, train_set, state)
+    sharded = settings.shards(state.num_processes)
+    weights_mb = parameter_mb(vlm.hf)  # per process: a shard of the model under --shard fsdp
+    before = _held_out(vlm, val_set, loss if sharded else None)
     loop = TrainConfig(out_dir=work_dir, lr=settings.learning_rate(), weight_decay=settings.weight_decay,
                        epochs=settings.epochs, max_steps=settings.max_steps, batch_size=settings.batch_size,
                        grad_accum=settings.grad_accum, warmup_steps=settings.warmup_steps,
@@ -245,15 +297,36 @@ def run_training(config: AssistantConfig, settings: LLMTrainSettings, out: str, 
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=lambda items: collate(items, vlm.tokenizer.pad_token_id))
     result = train(loss, lambda model, batch: model(batch), loader, loop, resume=resume)
-    after = held_out_loss(vlm, val_set)
-    vlm.hf.to(save_dtype)  # small bf16 files; LoRA and projector were float32 while training
+    after = _held_out(vlm, val_set, loss if sharded else None)
+    weights = _weights_to_save(vlm, save_dtype, sharded)
     metadata = build_metadata(config, settings, examples, val, result, {"before": before, "after": after}, out)
+    metadata["training"]["weights_mb_per_process"] = weights_mb
     vlm.config = config.override({"adapter": None, "llm.dtype": str(save_dtype).removeprefix("torch.")})
     # The tower is frozen in both stages: when it came from a weights folder (the shipped
     # vision-nih14) the adapter points there instead of carrying a copy, so the finding head stays
     # paired with the very tower it was trained on.
     if state.is_main_process:  # one writer: under DDP every process holds the same trained weights
-        vlm.save_adapter(out, metadata, vision=resolve_weights(config.vision) is None)
+        vlm.save_adapter(out, metadata, vision=resolve_weights(config.vision) is None, weights=weights)
         write_card(out, metadata)
     state.wait_for_everyone()
     return metadata
+
+
+def _held_out(vlm: ClinicalVLM, val_set: TokenizedExamples, sharded_root: nn.Module | None = None) -> float | None:
+    """`held_out_loss`, through the FSDP root when the model is sharded (every process takes part)."""
+    if sharded_root is None:
+        return held_out_loss(vlm, val_set)
+    value = held_out_loss(vlm, val_set, summed=lambda batch: sharded_root(batch, summed=True))
+    sharded_root.reshard()  # an eval leaves the root's weights gathered; the optimizer must get the shards
+    return value
+
+
+def _weights_to_save(vlm: ClinicalVLM, dtype: torch.dtype, sharded: bool) -> dict[str, torch.Tensor] | None:
+    """The trained tensors in `dtype` gathered from the shards (every process takes part), or None
+    after casting the model itself (small bf16 files; LoRA and projector trained in float32)."""
+    if sharded:
+        from .train_shard import full_parameters
+
+        return {name: value.to(dtype) for name, value in full_parameters(vlm.hf).items()}
+    vlm.hf.to(dtype)
+    return None

@@ -140,7 +140,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torc
     (out / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, train_loader)
+    model, optimizer, loader = _prepare(accelerator, model, optimizer, train_loader)
     total = config.total_steps(len(loader))
     # Stepped by hand only after real optimizer steps, so accumulation and process count never skew it.
     scheduler = cosine_schedule(optimizer, config.warmup_steps, total)
@@ -159,6 +159,19 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torc
     return result
 
 
+def _prepare(accelerator, model, optimizer, loader):
+    """accelerate wraps, places and checkpoints the model and optimizer, except a model that torch
+    FSDP2 already shards (`train_shard`): DDP around it would reduce its gradients a second time, and
+    accelerate saves an optimizer's state from the main process alone, which holds only its shard.
+    Such a model and its optimizer are checkpointed whole by `train_shard.ShardedCheckpoint`."""
+    from .train_shard import ShardedCheckpoint, is_sharded
+
+    if not is_sharded(model):
+        return accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(ShardedCheckpoint(model, optimizer))
+    return model, optimizer, accelerator.prepare(loader)
+
+
 def _run(accelerator, model, loss_fn, loader, optimizer, scheduler, config: TrainConfig, total: int,
          result: TrainResult, eval_fn) -> None:
     from tqdm.auto import tqdm
@@ -172,12 +185,19 @@ def _run(accelerator, model, loss_fn, loader, optimizer, scheduler, config: Trai
         batches = accelerator.skip_first_batches(loader, offset) if offset else loader
         for batch in batches:
             with accelerator.accumulate(model):
+                if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce only before a step
+                    model.set_requires_gradient_sync(accelerator.sync_gradients)
                 loss = loss_fn(model, batch)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                # accelerate's optimizer wrapper skips the steps between accumulated micro-batches;
+                # an FSDP2 model's optimizer is not wrapped (see _prepare), so skip them here.
+                if accelerator.sync_gradients:
+                    if hasattr(model, "drop_unused_gradients"):  # train_shard.ShardedLoss
+                        model.drop_unused_gradients()
+                    if config.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
             result.batches += 1
             step_losses.append(float(loss.detach()))
             if not accelerator.sync_gradients:

@@ -45,7 +45,8 @@ TITLES = {"eval-report": "Report drafting with the shipped adapter report-lora (
           "ingest": "DICOM ingest speed",
           "retrieval": "Case-index speed and recall (FAISS)", "concurrency": "Concurrent users (queue and memory)",
           "backend": "Text generation backends (local model, llama.cpp server)",
-          "train-step": "Training speed (LoRA step, all layers)", "train-step-top8": "Training speed (LoRA step, top 8 layers)"}
+          "train-step": "Training speed (LoRA step, all layers)", "train-step-top8": "Training speed (LoRA step, top 8 layers)",
+          "train-parallel": "Training on several processes: data parallel and sharded (FSDP2)"}
 VISION_COMMAND = "python -m assistant evaluate-vision --out benchmarks/results/eval-vision.json"
 MIN_RECALL = 0.95  # the case-index table shows the fastest setting reaching this recall@10
 
@@ -308,6 +309,24 @@ def render_train_step(r: dict) -> str:
                                               "samples/s"], rows, numeric_from=2)])
 
 
+def render_train_parallel(r: dict) -> str:
+    """Data parallel against fully sharded training under torchrun (benchmarks/train_parallel.py)."""
+    m, diff = r["machine"], r["adapter_difference"]
+    where = f"{m['gpus']} GPUs" if m.get("gpus") else f"{m['cpu_count']} CPUs over gloo, {m['OMP_NUM_THREADS']} thread(s) each"
+    head = (f"LoRA training of the report task under torchrun, {r['runs'][0]['processes']} processes ({where}), "
+            f"torch {m['torch']}; load average before {m['loadavg_before'][0]:.2f} (`{r['command'].strip()}`). "
+            f"The two adapters differ by at most {diff['max_abs_difference']:.2g} ({diff['tensors']} {diff['dtype']} "
+            f"tensors, largest value {diff['max_abs_value']:.2g}).")
+    rows = [[row["mode"] + (" (--shard fsdp)" if row["sharded"] else ""), row["steps"], row["samples"],
+             f"{row['s_per_step']:.2f}", f"{row['samples_per_s']:.2f}", f"{row['weights_mb_per_process']:.0f}",
+             f"{row['peak_rss_mb']:.0f}",
+             f"{row['held_out_loss_full_vocab']['before']:.4f} -> {row['held_out_loss_full_vocab']['after']:.4f}"]
+            for row in r["runs"]]
+    return "\n\n".join([head, markdown_table(["mode", "steps", "samples", "s/step", "samples/s",
+                                              "weights per process, MB", "peak memory of the main process, MB",
+                                              "held-out loss"], rows, numeric_from=1)])
+
+
 def render_native_step(r: dict) -> str:
     """The native step's product paths side by side (benchmarks/native_step.py)."""
     env = r["environment"]
@@ -372,7 +391,8 @@ def render_backend(r: dict) -> str:
 
 
 BENCHMARKS = {"generation": render_generation, "ingest": render_ingest, "concurrency": render_concurrency,
-              "rag_effect": render_rag_effect, "train_step": render_train_step, "native_step": render_native_step}
+              "rag_effect": render_rag_effect, "train_step": render_train_step, "native_step": render_native_step,
+              "train_parallel": render_train_parallel}
 
 
 def render_file(path: Path) -> str | None:
