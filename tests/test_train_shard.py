@@ -28,8 +28,14 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run(TORCHRUN + args, cwd=ROOT, env=CPU_ONLY, capture_output=True, text=True, timeout=timeout)
+# The shipped multi-GPU launch config, 2 processes: on a machine without GPUs accelerate's launcher
+# starts them all the same, and the trainer joins them over gloo (train_loop.process_state).
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                     str(ROOT / "configs" / "accelerate" / "multi-gpu.yaml"), "--num_processes", "2"]
+
+
+def launch(args: list[str], launcher: list[str] = TORCHRUN, timeout: int = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(launcher + args, cwd=ROOT, env=CPU_ONLY, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -46,7 +52,7 @@ def test_one_sharded_step_over_an_image_batch_and_a_text_batch_averages_their_gr
     """Process 0 has an image, process 1 text only (LoRA on the top layer alone, so only the image
     batch needs a backward pass through the lower layer): without every process running the same
     collectives this hangs (the timeout), and the gathered gradients must be the two batches' mean."""
-    done = torchrun([str(ROOT / "tests" / "shard_worker.py")], timeout=180)
+    done = launch([str(ROOT / "tests" / "shard_worker.py")], timeout=180)
     sharded = json.loads(done.stdout.strip().splitlines()[-1])
     vlm = tiny_lora_model()
     losses, grads = [], {}
@@ -92,19 +98,20 @@ def test_an_accelerate_fsdp_or_deepspeed_config_is_refused_with_the_way_to_shard
 def runs(tmp_path_factory):
     """Two-process runs of 2 steps through the CLI, every report that has a label-matched image
     given one (2 of the 8: batches with and without images), 2 micro-batches of 1 per step: data
-    parallel, sharded, and sharded stopped after 1 step then resumed."""
+    parallel (torchrun), sharded (`accelerate launch` with the shipped config), and sharded stopped
+    after 1 step then resumed (torchrun)."""
     tmp = tmp_path_factory.mktemp("shard")
     config = saved_tiny_run(tmp, limit=8)
 
-    def train(name: str, steps: int, *extra: str) -> dict:
+    def train(name: str, steps: int, *extra: str, launcher: list[str] = TORCHRUN) -> dict:
         out = tmp / name
-        torchrun(["-m", "assistant", "train", "--stage", "lora", "--task", "report", "--out", str(out),
-                  "--config", str(config), "--max-steps", str(steps), "--work-dir", str(tmp / f"work-{name}"),
-                  "--set", "train.image_fraction=1.0", "--set", "train.batch_size=1", "--set", "train.grad_accum=2",
-                  *extra])
+        launch(["-m", "assistant", "train", "--stage", "lora", "--task", "report", "--out", str(out),
+                "--config", str(config), "--max-steps", str(steps), "--work-dir", str(tmp / f"work-{name}"),
+                "--set", "train.image_fraction=1.0", "--set", "train.batch_size=1", "--set", "train.grad_accum=2",
+                *extra], launcher)
         return {"out": out, "meta": json.loads((out / "metadata.json").read_text())}
 
-    found = {"ddp": train("ddp", 2), "fsdp": train("fsdp", 2, "--shard", "fsdp")}
+    found = {"ddp": train("ddp", 2), "fsdp": train("fsdp", 2, "--shard", "fsdp", launcher=ACCELERATE_LAUNCH)}
     train("resumed", 1, "--shard", "fsdp")
     found["resumed"] = train("resumed", 2, "--shard", "fsdp", "--resume")
     return found
