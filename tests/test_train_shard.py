@@ -1,4 +1,5 @@
-"""FSDP2 sharding of the whole model (`--shard fsdp`): on these CPUs over gloo, under torchrun.
+"""FSDP2 sharding of the whole model (`--shard fsdp`): two processes on these CPUs over gloo,
+started by torchrun or by `accelerate launch` with the shipped multi-GPU config.
 
 The checks that matter are against data parallel training, whose gradients are the reference:
 one sharded step over batches of different kinds gives the gradients of the two batches averaged,
@@ -51,7 +52,8 @@ def test_the_units_are_the_decoder_layers_and_the_vision_tower_stays_whole():
 def test_one_sharded_step_over_an_image_batch_and_a_text_batch_averages_their_gradients():
     """Process 0 has an image, process 1 text only (LoRA on the top layer alone, so only the image
     batch needs a backward pass through the lower layer): without every process running the same
-    collectives this hangs (the timeout), and the gathered gradients must be the two batches' mean."""
+    collectives this aborts or hangs (the timeout), and the gathered gradients must be the two
+    batches' mean."""
     done = launch([str(ROOT / "tests" / "shard_worker.py")], timeout=180)
     sharded = json.loads(done.stdout.strip().splitlines()[-1])
     vlm = tiny_lora_model()
