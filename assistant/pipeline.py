@@ -23,7 +23,7 @@ from .guard import GuardResult, check_draft, classifier_auroc, merge_probs
 from .model import IMAGE_MARKER, VISION_FILE, ClinicalVLM, resolve_adapter
 from .phi import mask_phi
 from .prompts import render, sanitise_field, sanitise_multiline
-from .readability import READING_LEVELS, plainest, reading_note, reads_within
+from .readability import READING_LEVELS, level_name, plainest, reading_note, reads_within
 from .report import parse_continuation
 from .retrieval import SimilarCase
 from .safety import escalation_message, find_red_flags, guard_answer, label_draft
@@ -193,7 +193,7 @@ class Assistant:
             if reads_within(drafts[-1], level):
                 break
             yield guard_answer(question, label_draft(
-                f"{answer}\n\n(This reads above the {level.split(' (')[0]} level asked for: {REDRAFTING}, "
+                f"{answer}\n\n(This reads above the {level_name(level)} level asked for: {REDRAFTING}, "
                 f"{attempt} of {settings.plain_redrafts}.)"))
             generation = replace(self.config.generation, temperature=settings.redraft_temperature,
                                  seed=redraft_seed(question, attempt))

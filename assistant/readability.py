@@ -16,6 +16,11 @@ READING_LEVELS = ("simple (about age 10)", "general (about age 14)", "detailed (
 LEVEL_GRADE_LIMITS = (7.0, 11.0)
 
 
+def level_name(level: str) -> str:
+    """A level's short name for a sentence: "simple" for "simple (about age 10)"."""
+    return level.split(" (")[0]
+
+
 def level_of_grade(grade: float) -> str:
     """The reading level (one of READING_LEVELS) whose grade band holds `grade`."""
     return READING_LEVELS[sum(grade >= limit for limit in LEVEL_GRADE_LIMITS)]
@@ -54,7 +59,7 @@ def reading_note(answer: str, asked: str) -> str:
     grade = flesch_kincaid_grade(answer)
     if grade is None:
         return ""
-    name, limit = asked.split(" (")[0], _upper_limit(asked)
+    name, limit = level_name(asked), _upper_limit(asked)
     if grade < limit:
         return f"Reading level: Flesch-Kincaid grade {grade:.1f}, within the {name} level asked for."
     return (f"Reading level: Flesch-Kincaid grade {grade:.1f}, harder than the {name} level asked for "

@@ -143,20 +143,18 @@ class ShardedCheckpoint:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
 
-    def _trainable(self) -> list[tuple[str, torch.Tensor]]:
-        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
-
     def state_dict(self) -> dict[str, Any]:
         saved = self.optimizer.state_dict()
         state = {index: {key: full_tensor(value) if torch.is_tensor(value) else value for key, value in entry.items()}
                  for index, entry in saved["state"].items()}
-        return {"model": {name: full_tensor(p) for name, p in self._trainable()},
+        return {"model": full_parameters(self.model),
                 "optimizer": {"state": state, "param_groups": saved["param_groups"]}}
 
     @torch.no_grad()
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        for name, param in self._trainable():
-            param.copy_(shard_like(saved["model"][name], param))
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                param.copy_(shard_like(saved["model"][name], param))
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         state = {index: {key: shard_like(value, params[index]) if _per_element(value, params[index]) else value
                          for key, value in entry.items()}

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from assistant.train import LLMTrainSettings, settings_from_dict
+from assistant.train import LLMTrainSettings, settings_from_dict, target_loss
 from assistant.train_shard import parameter_mb, shard_units
 
 from conftest import ROOT, SHARED_DATA
@@ -60,7 +60,7 @@ def test_one_sharded_step_over_an_image_batch_and_a_text_batch_averages_their_gr
     losses, grads = [], {}
     for with_image in (True, False):
         vlm.hf.zero_grad()
-        loss = vlm_loss(vlm, example_batch(vlm, with_image))
+        loss = target_loss(vlm.hf, example_batch(vlm, with_image))
         loss.backward()
         losses.append(float(loss))
         for name, p in vlm.hf.named_parameters():
@@ -70,12 +70,6 @@ def test_one_sharded_step_over_an_image_batch_and_a_text_batch_averages_their_gr
     assert set(sharded["grads"]) == set(grads) and any("projector" in name for name in grads)
     for name, grad in grads.items():
         assert torch.allclose(torch.tensor(sharded["grads"][name]), grad, atol=1e-6), name
-
-
-def vlm_loss(vlm, batch):
-    from assistant.train import target_loss
-
-    return target_loss(vlm.hf, batch)
 
 
 def test_an_unknown_shard_mode_is_refused():
